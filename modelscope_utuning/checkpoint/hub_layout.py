@@ -1,0 +1,122 @@
+"""ModelScope's hub checkpoint layout for vision-efficient-tuning models.
+
+``pytorch_model.pt`` holds ``{'backbone_weight': state dict, 'head_weight': {'fc.weight', 'fc.bias'},
+'CLASSES': [names], optional 'backbone_cfg' / 'head_cfg'}``. The built-in names its tuners differently from us;
+:func:`from_builtin_names` / :func:`to_builtin_names` translate, so the original-form tuners we save can be read
+by the built-in and its checkpoints by us. Parallel tuners have no built-in counterpart and keep our names.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from typing import Any, Dict, List, Optional
+
+import torch
+
+CHECKPOINT_FILE = 'pytorch_model.pt'
+
+# (built-in pattern, our replacement), applied to backbone-relative names.
+_BUILTIN_TO_OURS = [
+    (r'^blocks\.(\d+)\.adapter\.ln1\.', r'blocks.\1.ffn_adapter.down.'),
+    (r'^blocks\.(\d+)\.adapter\.ln2\.', r'blocks.\1.ffn_adapter.up.'),
+    (r'^blocks\.(\d+)\.attn\.prefix\.prefix_key$', r'blocks.\1.mha_prefix.key'),
+    (r'^blocks\.(\d+)\.attn\.prefix\.prefix_value$', r'blocks.\1.mha_prefix.value'),
+    (r'^blocks\.(\d+)\.attn\.lora\.', r'blocks.\1.mha_lora.'),
+    (r'^blocks\.(\d+)\.prompt\.prompt_token$', r'blocks.\1.block_prompt.tokens'),
+    (r'^sidetune\.side\.', 'side.net.'),
+    (r'^sidetune\.alpha$', 'side.alpha'),
+]
+_OURS_TO_BUILTIN = [
+    (r'^blocks\.(\d+)\.ffn_adapter\.down\.', r'blocks.\1.adapter.ln1.'),
+    (r'^blocks\.(\d+)\.ffn_adapter\.up\.', r'blocks.\1.adapter.ln2.'),
+    (r'^blocks\.(\d+)\.mha_prefix\.key$', r'blocks.\1.attn.prefix.prefix_key'),
+    (r'^blocks\.(\d+)\.mha_prefix\.value$', r'blocks.\1.attn.prefix.prefix_value'),
+    (r'^blocks\.(\d+)\.mha_lora\.', r'blocks.\1.attn.lora.'),
+    (r'^blocks\.(\d+)\.block_prompt\.tokens$', r'blocks.\1.prompt.prompt_token'),
+    (r'^side\.net\.', 'sidetune.side.'),
+    (r'^side\.alpha$', 'sidetune.alpha'),
+]
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def from_builtin_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {_rename(k, _BUILTIN_TO_OURS): v for k, v in state.items()}
+
+
+def to_builtin_names(state: Dict[str, torch.Tensor], sequential_only: Optional[set] = None) -> Dict[str, Any]:
+    """Our backbone names -> the built-in's, for the tuners the built-in has (sequential ffn adapter,
+    sequential mha prefix, mha LoRA, sequential block prompt, side-tuning); ``sequential_only`` names the
+    modules (e.g. ``blocks.0.ffn_adapter``) whose form the built-in shares; others keep our names."""
+    out = {}
+    for k, v in state.items():
+        module = k.rsplit('.', 1)[0]
+        shared = sequential_only is None or any(k.startswith(m + '.') for m in sequential_only) \
+            or not re.search(r'\.(ffn_adapter|mha_prefix|block_prompt)\.', '.' + k)
+        out[_rename(k, _OURS_TO_BUILTIN) if shared else k] = v
+    return out
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """Load a hub-layout ``pytorch_model.pt`` safely (``weights_only=True``: tensors, lists, dicts only)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and what was expected
+        raise ValueError(f'checkpoint {path!r} could not be read as a weights-only torch file '
+                         f'(expected the hub layout: backbone_weight, head_weight, CLASSES): {e}') from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'checkpoint {path!r}: expected a dict with backbone_weight / head_weight, '
+                         f'got {type(ckpt).__name__}')
+    if 'backbone_weight' not in ckpt and 'head_weight' not in ckpt:
+        if 'state_dict' in ckpt or any(k.startswith(('backbone.', 'head.')) for k in ckpt):
+            return split_model_state(ckpt.get('state_dict', ckpt), ckpt.get('CLASSES'))
+        raise ValueError(f'checkpoint {path!r}: no backbone_weight / head_weight keys '
+                         f'(found {sorted(ckpt)[:8]}...)')
+    return ckpt
+
+
+def split_model_state(state: Dict[str, torch.Tensor], classes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """A whole-model state dict (``backbone.*`` / ``head.*``, e.g. a trainer's epoch file) -> hub layout."""
+    state = {k[len('model.'):] if k.startswith('model.') else k: v for k, v in state.items()}
+    out = {'backbone_weight': {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')},
+           'head_weight': {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}}
+    if classes is not None:
+        out['CLASSES'] = list(classes)
+    return out
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same folder, then rename: no half-written checkpoint on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pt')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_checkpoint(path: str, backbone_state: Dict[str, torch.Tensor], head_state: Dict[str, torch.Tensor],
+                     classes: Optional[List[str]] = None, sequential_modules: Optional[set] = None) -> None:
+    """Save in the hub layout with the built-in's names where the built-in has the same tuner."""
+    obj: Dict[str, Any] = {
+        'backbone_weight': {k: v.detach().cpu().contiguous()
+                            for k, v in to_builtin_names(backbone_state, sequential_modules).items()},
+        'head_weight': {k: v.detach().cpu().contiguous() for k, v in head_state.items()},
+    }
+    if classes is not None:
+        obj['CLASSES'] = [str(c) for c in classes]
+    atomic_torch_save(obj, path)

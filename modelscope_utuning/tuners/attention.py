@@ -1,0 +1,41 @@
+"""Shared attention arithmetic of the prefix and prompt tuners (heads split as (B, H, N, d))."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, L, C) -> (B, H, L, C/H)``."""
+    B, L, C = t.shape
+    return t.view(B, L, num_heads, C // num_heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, d) -> (B, N, H*d)``."""
+    B, H, N, d = t.shape
+    return t.transpose(1, 2).reshape(B, N, H * d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d)) v`` per head, merged back to ``(B, N, C)``.
+
+    k, v may have batch size 1 (shared learned tokens); they are broadcast over the batch of q.
+    """
+    if k.shape[0] != q.shape[0]:
+        k = k.expand(q.shape[0], -1, -1, -1)
+        v = v.expand(q.shape[0], -1, -1, -1)
+    return merge_heads(F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype)))
+
+
+def query_for(op: str, h: torch.Tensor, block, q: torch.Tensor = None) -> torch.Tensor:
+    """The frozen MHA query of the OP input: ``Q = W_q h`` (heads split).
+
+    On the mha OP the attention's own q is reused. On the block OP the raw residual stream is first passed
+    through the block's ``norm1``, since the borrowed projection was trained on normalised tokens.
+    """
+    if q is not None:
+        return q
+    if op == 'block':
+        h = block.norm1(h)
+    return block.attn.project(h, 'q')
