@@ -102,7 +102,10 @@ class VisionEfficientTuningModel(TorchModel):
 
         if extras.get('pretrained_weights'):
             from .checkpoint.converters import load_pretrained_backbone
-            load_pretrained_backbone(vit, extras['pretrained_weights'])
+            weights = extras['pretrained_weights']
+            if model_dir and not os.path.isabs(weights) and os.path.isfile(os.path.join(model_dir, weights)):
+                weights = os.path.join(model_dir, weights)  # relative to the model folder, as shipped
+            load_pretrained_backbone(vit, weights)
         if ckpt is not None:
             unload = (pretrained_cfg or {}).get('unload_part', {}) if finetune else {}
             self._load_hub_state(backbone_state, dict(ckpt.get('head_weight', {})), unload, finetune)
@@ -162,16 +165,29 @@ class VisionEfficientTuningModel(TorchModel):
 
     # -- trainable parameters ----------------------------------------------------------------------------------
     def apply_freeze_policy(self, freeze_cfg: Optional[Dict] = None) -> None:
-        """Backbone frozen; tuners, BitFit biases and the head trainable; then ``freeze_cfg`` on top."""
-        bitfit = set(bitfit_parameter_names(self.backbone, self.specs))
-        for name, p in self.backbone.named_parameters():
-            p.requires_grad = is_tuner_parameter(name) or name in bitfit
-        for p in self.head.parameters():
-            p.requires_grad = True
-        for key, flag in (('freeze_part', False), ('train_part', True)):
-            for part, substrings in ((freeze_cfg or {}).get(key) or {}).items():
+        """Which parameters train.
+
+        Default: backbone frozen; tuners, BitFit biases and the head trainable. A ``freeze_cfg`` with a
+        ``freeze_part`` is read as ModelScope's built-in reads it (hub BitFit models rely on this): everything
+        trains except the parameters whose names contain a listed substring. ``train_part`` then re-enables
+        matching parameters in either case. Both parts apply to ``backbone`` and ``head`` alike.
+        """
+        freeze_cfg = freeze_cfg or {}
+        for key in ('freeze_part', 'train_part'):
+            for part in (freeze_cfg.get(key) or {}):
                 if part not in ('backbone', 'head'):
                     raise ValueError(f'model.freeze_cfg.{key}: unknown part {part!r}; expected backbone / head')
+        if freeze_cfg.get('freeze_part'):
+            for p in self.parameters():
+                p.requires_grad = True
+        else:
+            bitfit = set(bitfit_parameter_names(self.backbone, self.specs))
+            for name, p in self.backbone.named_parameters():
+                p.requires_grad = is_tuner_parameter(name) or name in bitfit
+            for p in self.head.parameters():
+                p.requires_grad = True
+        for key, flag in (('freeze_part', False), ('train_part', True)):
+            for part, substrings in (freeze_cfg.get(key) or {}).items():
                 for name, p in getattr(self, part).named_parameters():
                     if _substring_match(name, substrings):
                         p.requires_grad = flag

@@ -8,6 +8,7 @@ built-in over ours). Other models' registrations are not touched.
 from __future__ import annotations
 
 from modelscope.metainfo import Models, Pipelines, Trainers
+from modelscope.metrics.builder import METRICS
 from modelscope.models.builder import MODELS
 from modelscope.pipelines.builder import PIPELINES
 from modelscope.preprocessors.builder import PREPROCESSORS
@@ -15,23 +16,23 @@ from modelscope.trainers.builder import TRAINERS
 from modelscope.utils.ast_utils import INDEX_KEY, MODULE_KEY, REQUIREMENT_KEY
 from modelscope.utils.constant import Fields, Tasks
 from modelscope.utils.import_utils import LazyImportModule
-from modelscope.utils import plugins as ms_plugins
 
 TASK = Tasks.vision_efficient_tuning
 PREPROCESSOR_NAME = 'vision-efficient-tuning-preprocessor'
-PLUGIN_NAME = 'modelscope-utuning'
 
 
 def _entries():
     from .model import VisionEfficientTuningModel
     from .pipeline import VisionEfficientTuningPipeline
     from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
+    from .training.metrics import TOPK_METRIC, TopKAccuracy
     from .training.trainer import VisionEfficientTuningTrainer
     return [
         (MODELS, TASK, Models.vision_efficient_tuning, VisionEfficientTuningModel),
         (PIPELINES, TASK, Pipelines.vision_efficient_tuning, VisionEfficientTuningPipeline),
         (PREPROCESSORS, Fields.cv, PREPROCESSOR_NAME, VisionEfficientTuningPreprocessor),
         (TRAINERS, 'default', Trainers.vision_efficient_tuning, VisionEfficientTuningTrainer),
+        (METRICS, 'default', TOPK_METRIC, TopKAccuracy),
     ]
 
 
@@ -43,10 +44,6 @@ def register() -> None:
         signature = (registry.name.upper(), group, name)
         index[INDEX_KEY][signature] = {'filepath': __file__, 'imports': [], MODULE_KEY: cls.__module__}
         index[REQUIREMENT_KEY].pop(cls.__module__, None)
-    # Our own plugin is installed and imported already: a configuration.json that declares it runs no remote
-    # code, so ModelScope need not ask for trust_remote_code.
-    if PLUGIN_NAME not in ms_plugins.PLUGIN_WHITE_LIST:
-        ms_plugins.PLUGIN_WHITE_LIST.append(PLUGIN_NAME)
 
 
 register()

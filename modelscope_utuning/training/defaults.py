@@ -1,0 +1,36 @@
+"""Defaults for the parts of configuration.json a model may leave out, filled before ``cfg_modify_fn`` runs so
+that the seed's ``cfg.train.lr_scheduler.T_max = ...`` always has something to edit."""
+from __future__ import annotations
+
+from modelscope.utils.config import Config, ConfigDict
+
+DEFAULTS = {
+    'task': 'vision-efficient-tuning',
+    'pipeline': {'type': 'vision-efficient-tuning'},
+    'train': {
+        'max_epochs': 10,
+        'dataloader': {'batch_size_per_gpu': 32, 'workers_per_gpu': 0},
+        # Tuners and head: AdamW; no decay on prompts, prefixes, embeddings, norms, biases (see optim.py).
+        'optimizer': {'type': 'AdamW', 'lr': 1e-3, 'weight_decay': 1e-4},
+        'lr_scheduler': {'type': 'CosineAnnealingLR', 'T_max': 10,
+                         'options': {'by_epoch': True}},
+    },
+    'evaluation': {
+        'dataloader': {'batch_size_per_gpu': 64, 'workers_per_gpu': 0, 'shuffle': False},
+        'metrics': ['accuracy'],
+    },
+}
+
+
+def _fill(cfg: ConfigDict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in cfg or cfg[key] is None:
+            cfg[key] = ConfigDict(value) if isinstance(value, dict) else value
+        elif isinstance(value, dict) and isinstance(cfg[key], dict):
+            _fill(cfg[key], value)
+
+
+def apply_defaults(cfg: Config) -> Config:
+    """Fill what is missing, never overriding what the configuration says."""
+    _fill(cfg, DEFAULTS)
+    return cfg

@@ -1,0 +1,4 @@
+"""Packaging: the metadata lives in setup.cfg."""
+from setuptools import setup
+
+setup()
