@@ -16,7 +16,7 @@ from modelscope.models.base import TorchModel
 from .backbone_config import build_backbone, split_backbone_config
 from .checkpoint.hub_layout import CHECKPOINT_FILE, from_builtin_names, read_checkpoint, write_checkpoint
 from .head import ClassifierHead
-from .tuners import bitfit_parameter_names, is_tuner_parameter
+from .tuners import Adapter, Prefix, Prompt, bitfit_parameter_names, is_tuner_parameter
 from .tuners.spec import TunerSpec
 
 HEAD_ARGS = ('dim', 'num_classes', 'dropout_rate')
@@ -24,6 +24,20 @@ HEAD_ARGS = ('dim', 'num_classes', 'dropout_rate')
 
 def _substring_match(name: str, parts: Iterable[str]) -> bool:
     return any(p in name for p in parts)
+
+
+def _two_form_tuner_form(vit: nn.Module, key: str) -> Optional[str]:
+    """The ``form`` of the adapter / prefix / prompt module owning parameter ``key`` (None for anything else:
+    LoRA and side-tuning have one form only, so the built-in's weights always mean the same for them)."""
+    parts = key.split('.')
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            module = vit.get_submodule('.'.join(parts[:i]))
+        except AttributeError:
+            continue
+        if isinstance(module, (Adapter, Prefix, Prompt)):
+            return module.form
+    return None
 
 
 class VisionEfficientTuning(nn.Module):
@@ -72,7 +86,10 @@ class VisionEfficientTuningModel(TorchModel):
 
         backbone_cfg = dict(backbone or (ckpt or {}).get('backbone_cfg') or {})
         vit_kwargs, entries, extras = split_backbone_config(backbone_cfg)
-        backbone_state = from_builtin_names(ckpt['backbone_weight']) if ckpt and 'backbone_weight' in ckpt else {}
+        raw_backbone = ckpt.get('backbone_weight', {}) if ckpt else {}
+        backbone_state = from_builtin_names(raw_backbone)
+        # Tuner weights stored under the built-in's names are sequential-form weights.
+        self._builtin_form_keys = set(backbone_state) - set(raw_backbone)
         if 'num_classes' not in vit_kwargs:
             # The built-in backbone keeps a Linear head when its config leaves num_classes out; follow the
             # checkpoint, which tells whether that head exists.
@@ -131,8 +148,13 @@ class VisionEfficientTuningModel(TorchModel):
     def _load_hub_state(self, backbone_state: Dict[str, torch.Tensor], head_state: Dict[str, torch.Tensor],
                         unload: Dict[str, List[str]], finetune: bool) -> None:
         vit = self.backbone
-        backbone_state = {k: v for k, v in backbone_state.items()
-                          if not _substring_match(k, unload.get('backbone', []))}
+        unloaded = {k for k in backbone_state if _substring_match(k, unload.get('backbone', []))}
+        backbone_state = {k: v for k, v in backbone_state.items() if k not in unloaded}
+        # A sequential tuner's weights mean something else in a parallel tuner of the same name: start fresh.
+        other_form = [k for k in backbone_state
+                      if k in self._builtin_form_keys and _two_form_tuner_form(vit, k) not in (None, 'sequential')]
+        for k in other_form:
+            backbone_state.pop(k)
         head_state = {k: v for k, v in head_state.items() if not _substring_match(k, unload.get('head', []))}
         self._head_reset = not head_state
         own_head = self.head.state_dict()
@@ -141,11 +163,13 @@ class VisionEfficientTuningModel(TorchModel):
         if 'pos_embed' in backbone_state:
             backbone_state['pos_embed'] = vit.load_pos_embed(backbone_state['pos_embed'])
         own = vit.state_dict()
-        missing = [k for k in own if k not in backbone_state and not is_tuner_parameter(k)]
+        missing = [k for k in own if k not in backbone_state and not is_tuner_parameter(k) and k not in unloaded]
         unexpected = [k for k in backbone_state if k not in own and not is_tuner_parameter(k)]
         mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
                       for k, v in backbone_state.items() if k in own and v.shape != own[k].shape]
         head_missing = [f'head.{k}' for k in own_head if k not in head_state] if head_state else []
+        mismatched += [f'head.{k}: checkpoint {tuple(v.shape)} vs model {tuple(own_head[k].shape)}'
+                       for k, v in head_state.items() if k in own_head and v.shape != own_head[k].shape]
         if missing or unexpected or mismatched or head_missing:
             raise ValueError(
                 'checkpoint does not fit the configured model:'
@@ -155,7 +179,7 @@ class VisionEfficientTuningModel(TorchModel):
                 + (f'\n  missing head weights: {head_missing}' if head_missing else '')
                 + '\n(tuners absent from the checkpoint start fresh; set model.finetune and '
                   'model.pretrained_cfg.unload_part to drop weights on purpose)')
-        ignored = [k for k in backbone_state if k not in own]
+        ignored = [k for k in backbone_state if k not in own] + other_form
         if ignored:
             from modelscope.utils.logger import get_logger
             get_logger().warning(f'checkpoint tuner weights not used by the configured tuners: {ignored}')

@@ -1,6 +1,182 @@
-"""Placeholder: replaced by the pipeline implementation."""
-from modelscope.pipelines.base import Pipeline
+"""``pipeline('vision-efficient-tuning', model_dir_or_id)``: top-k classification of images, in batches.
+
+The model comes the usual ModelScope way (``Model.from_pretrained`` in the base ``Pipeline``); the preprocessor is
+ours, built from the model folder (``Preprocessor.from_pretrained`` would build ModelScope's cv2 / torchvision one).
+Inputs: anything :func:`~modelscope_utuning.preprocessing.image_io.load_image` takes, or a list of them (-> a list of
+results, ``batch_size`` images per forward). Output: ``{'scores': [top-k probabilities, descending],
+'labels': [class names, or index strings when the model has no CLASSES]}``.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+from modelscope.outputs import OutputKeys
+from modelscope.pipelines.base import Input, Pipeline
+from modelscope.utils.constant import Frameworks, ModeKeys
+from modelscope.utils.device import device_placement, verify_device
+from modelscope.utils.logger import get_logger
+
+from .preprocessing.image_io import ImageInputError
+from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
+
+logger = get_logger()
+
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_TOPK = 5
+CALL_ARGS = ('topk',)
+_BUILD_LATER = object()  # stands in for the preprocessor until the model (and its folder) is known
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$')  # owner/name, not ./x or ../x
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f'{name}={value!r}: expected a positive integer')
+    return int(value)
+
+
+def _check_device(device: Any) -> str:
+    """Validate ``device`` with a ValueError (ModelScope asserts); refuse a CUDA index that does not exist."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    expected = "expected 'cpu', 'gpu', 'cuda', 'gpu:N' or 'cuda:N'"
+    if not isinstance(device, str):
+        raise ValueError(f'device={device!r}: {expected}')
+    try:
+        kind, index = verify_device(device)
+    except (AssertionError, ValueError) as e:
+        raise ValueError(f'device={device!r}: {expected}') from e
+    if kind == 'gpu':
+        if not torch.cuda.is_available():
+            # ModelScope falls back to the CPU; say so louder when a particular GPU was asked for.
+            log = logger.info if device.lower() == 'gpu' else logger.warning
+            log(f'device={device!r}: CUDA is not available, running on the CPU')
+        elif index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise ValueError(f'device={device!r}: only {n} CUDA device(s) visible (cuda:0 .. cuda:{n - 1})')
+    return device
+
+
+def _check_model_path(model: Any) -> Any:
+    """A local folder is used as it is (absolute); anything that is not a hub id must exist locally, so a typo
+    in a path fails here instead of going to the hub."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    if not isinstance(model, str):
+        return model
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, 'configuration.json')):
+            raise ValueError(f'model folder {model!r} has no configuration.json')
+        return os.path.abspath(model)
+    if os.path.exists(model) or not _HUB_ID.match(model):
+        raise ValueError(f'model {model!r}: not a model folder (with configuration.json) nor a hub id '
+                         "like 'owner/name'")
+    return model
 
 
 class VisionEfficientTuningPipeline(Pipeline):
-    pass
+    """U-Tuning image classification.
+
+    Args:
+        model: a model folder, a hub id or a ``VisionEfficientTuningModel``.
+        preprocessor: default: ours, from the model folder's configuration.json (eval mode).
+        device: 'cpu', 'gpu', 'cuda', 'gpu:N', 'cuda:N' (the CPU when CUDA is unavailable).
+        batch_size: images per forward for list inputs (also a call argument).
+        topk: classes returned (also a call argument); capped at the class count.
+    """
+
+    def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
+                 batch_size: int = DEFAULT_BATCH_SIZE, topk: int = DEFAULT_TOPK, **kwargs):
+        device = _check_device(device)
+        self.batch_size = _positive_int(batch_size, 'batch_size')
+        self.topk = _positive_int(topk, 'topk')
+        super().__init__(model=_check_model_path(model), device=device,
+                         preprocessor=_BUILD_LATER if preprocessor is None else preprocessor, **kwargs)
+        img_size = self._model_img_size()
+        if self.preprocessor is _BUILD_LATER:
+            self.preprocessor = VisionEfficientTuningPreprocessor.from_model_dir(
+                self.model.model_dir, cfg=self.cfg, mode=ModeKeys.INFERENCE, img_size=img_size)
+        out = getattr(self.preprocessor, 'output_size', None)
+        if img_size is not None and out is not None and tuple(out) != tuple(img_size):
+            raise ValueError(f'the preprocessor crops {tuple(out)} images but the model takes {tuple(img_size)}; '
+                             'fix preprocessor.img_size / resize in configuration.json')
+        if getattr(self.preprocessor, 'mode', None) == ModeKeys.TRAIN:
+            logger.warning('the pipeline preprocessor is in train mode: predictions use random augmentation')
+
+    def _model_img_size(self) -> Optional[Tuple[int, int]]:
+        patch_embed = getattr(getattr(self.model, 'backbone', None), 'patch_embed', None)
+        size = getattr(patch_embed, 'img_size', None)
+        return tuple(size) if size is not None else None
+
+    def _get_framework(self) -> str:
+        # Ours is always torch; ModelScope's version fails on a configuration.json without "framework".
+        return Frameworks.torch
+
+    # -- ModelScope's hooks ----------------------------------------------------------------------------------------
+    def __call__(self, input: Union[Input, List[Input]], *args, **kwargs):  # noqa: A002 - ModelScope's name
+        """One input -> one result dict; a list -> a list of them (``batch_size`` per forward)."""
+        if 'batch_size' in kwargs and kwargs['batch_size'] is not None:
+            kwargs['batch_size'] = _positive_int(kwargs['batch_size'], 'batch_size')
+        if isinstance(input, list) and kwargs.get('batch_size') is None:
+            kwargs['batch_size'] = self.batch_size  # ModelScope would otherwise run one forward per image
+        return super().__call__(input, *args, **kwargs)
+
+    def _sanitize_parameters(self, **kwargs) -> Tuple[Dict, Dict, Dict]:
+        unknown = sorted(set(kwargs) - set(CALL_ARGS))
+        if unknown:
+            raise ValueError(f'unknown pipeline argument(s) {unknown}; expected {list(CALL_ARGS)} or batch_size')
+        post = {}
+        if kwargs.get('topk') is not None:
+            post['topk'] = _positive_int(kwargs['topk'], 'topk')
+        return {}, {}, post
+
+    def _check_input(self, input: Any) -> None:  # noqa: A002
+        """Inputs are checked (with clear errors) when they are loaded; ModelScope's check would assert on dicts,
+        bytes and paths."""
+
+    def preprocess(self, input: Input, **preprocess_params) -> Dict[str, torch.Tensor]:  # noqa: A002
+        """-> ``{'imgs': float32 (1, 3, H, W)}`` on the CPU."""
+        pre = self.preprocessor
+        if isinstance(pre, VisionEfficientTuningPreprocessor):
+            data = pre(input)
+        else:  # a foreign preprocessor: call it as ModelScope's built-in pipeline does
+            data = pre(input if isinstance(input, dict) else {'img_path:FILE': input})
+        return {'imgs': data['imgs'].unsqueeze(0)}
+
+    def forward(self, inputs: Dict[str, Any], **forward_params) -> Dict[str, torch.Tensor]:
+        if self.model.training:
+            self.model.eval()
+        return self.model({'imgs': inputs['imgs']})
+
+    def postprocess(self, inputs: Dict[str, Any], topk: Optional[int] = None, **post_params) -> Dict[str, list]:
+        """``inputs['scores']``: (1, C) or (C,) probabilities -> top-k scores (descending) and their labels."""
+        scores = inputs[OutputKeys.SCORES].detach().float().cpu().reshape(-1)
+        k = min(topk or self.topk, scores.numel())
+        values, indices = torch.sort(scores, descending=True, stable=True)
+        classes = getattr(self.model, 'CLASSES', None)
+        labels = [str(classes[i]) if classes is not None and i < len(classes) else str(i)
+                  for i in indices[:k].tolist()]
+        return {OutputKeys.SCORES: values[:k].tolist(), OutputKeys.LABELS: labels}
+
+    def _process_batch(self, input: List[Input], batch_size: int, **kwargs) -> List[Dict[str, list]]:  # noqa: A002
+        """Preprocess ``batch_size`` inputs, run one forward on them, postprocess each row."""
+        post = kwargs.get('postprocess_params') or {}
+        results = []
+        for start in range(0, len(input), batch_size):
+            chunk = input[start:start + batch_size]
+            tensors = []
+            for offset, item in enumerate(chunk):
+                try:
+                    tensors.append(self.preprocess(item)['imgs'])
+                except ImageInputError as e:
+                    raise ImageInputError(f'input [{start + offset}] of the list: {e}') from e
+            with device_placement(self.framework, self.device_name), torch.no_grad():
+                out = self.forward(self._collate_fn({'imgs': torch.cat(tensors)}))
+            for row in range(len(chunk)):
+                result = self.postprocess({OutputKeys.SCORES: out[OutputKeys.SCORES][row]}, **post)
+                self._check_output(result)
+                results.append(result)
+        return results

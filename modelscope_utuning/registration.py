@@ -36,6 +36,32 @@ def _entries():
     ]
 
 
+def _local_paths_skip_hub_lookup() -> None:
+    """ModelScope's builders ask the hub whether a model comes from a trusted publisher, for local folders too;
+    offline that stalls for seconds with retries, and a local folder is untrusted by ModelScope's own rule
+    (its answer is always False). Answer False for existing local paths without the lookup; hub ids unchanged."""
+    import os
+    import sys
+    from modelscope.utils import automodel_utils
+    original = automodel_utils.is_model_from_trusted_source
+    if getattr(original, '_utuning_local_first', False):
+        return
+
+    def is_model_from_trusted_source(model_id, revision=None, trusted_owners=None):
+        if isinstance(model_id, (str, os.PathLike)) and os.path.exists(model_id):
+            return False
+        return original(model_id, revision, trusted_owners)
+
+    is_model_from_trusted_source._utuning_local_first = True
+    for name in ('modelscope.utils.automodel_utils', 'modelscope.pipelines.builder', 'modelscope.trainers.builder',
+                 'modelscope.models.base.base_model'):
+        module = sys.modules.get(name)
+        if module is None:
+            module = __import__(name, fromlist=['_'])
+        if hasattr(module, 'is_model_from_trusted_source'):
+            module.is_model_from_trusted_source = is_model_from_trusted_source
+
+
 def register() -> None:
     """Idempotent: safe to call again (e.g. after another package re-registered the built-in)."""
     index = LazyImportModule.get_ast_index()
@@ -44,6 +70,7 @@ def register() -> None:
         signature = (registry.name.upper(), group, name)
         index[INDEX_KEY][signature] = {'filepath': __file__, 'imports': [], MODULE_KEY: cls.__module__}
         index[REQUIREMENT_KEY].pop(cls.__module__, None)
+    _local_paths_skip_hub_lookup()
 
 
 register()

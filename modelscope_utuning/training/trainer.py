@@ -15,23 +15,60 @@ import os
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from modelscope.models.base import Model
 from modelscope.preprocessors.base import Preprocessor
+from modelscope.trainers.hooks import Hook, LoadCheckpointHook
+from modelscope.trainers.hooks.priority import Priority
 from modelscope.trainers.trainer import EpochBasedTrainer
 from modelscope.utils.config import ConfigDict
-from modelscope.utils.constant import ModeKeys, ModelFile
+from modelscope.utils.constant import ModeKeys, ModelFile, TrainerStages
 from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
 from ..model import VisionEfficientTuningModel
 from .defaults import apply_defaults
+from .distributed import DataParallelHook
 from .export import export_output
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
 
 logger = get_logger()
+
+
+def trainer_state_globals():
+    """The non-tensor types in ModelScope's ``*_trainer_state.pth`` (NumPy's RNG state). Allow-listing them keeps
+    ``torch.load(weights_only=True)`` - ModelScope's resume path - working on torch >= 2.6 without unpickling
+    arbitrary objects."""
+    import numpy as np
+    core = getattr(np, '_core', None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 OUR_OPTIMIZER_KEYS = ('head_lr',)
+
+
+class ExactResumeHook(Hook):
+    """Two fixes to ModelScope's resume, so that a resumed run ends with the weights of an uninterrupted one.
+
+    - An epoch-end checkpoint stores the finished epoch's index with ``inner_iter == iters_per_epoch``; the base
+      loop then re-enters that epoch, skips all its batches and runs its epoch-end hooks again (a second LR step,
+      a second evaluation). After the checkpoint is loaded (``LoadCheckpointHook`` runs before us) we move on to
+      the next epoch instead.
+    - The saved RNG state is restored at the first ``before_train_iter``, after the epoch's data loader has drawn
+      its shuffle order and first random crops; we restore it before the epoch starts.
+    """
+    PRIORITY = Priority.NORMAL
+
+    def before_run(self, trainer):
+        if trainer._inner_iter and trainer._inner_iter >= trainer.iters_per_epoch:
+            trainer._epoch += 1
+            trainer._inner_iter = 0
+            trainer._iter = trainer._epoch * trainer.iters_per_epoch
+
+    def before_train_epoch(self, trainer):
+        for hook in trainer.hooks:
+            if isinstance(hook, LoadCheckpointHook) and hook.need_load_rng_state and hook.rng_state is not None:
+                hook.before_train_iter(trainer)  # applies the state and clears the flag
 
 
 class VisionEfficientTuningTrainer(EpochBasedTrainer):
@@ -41,12 +78,18 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
         self._amp_arg, self._on_bad_image_arg = amp, on_bad_image
         self.dataset_classes = None
+        launcher = kwargs.pop('launcher', None)
+        if launcher is not None:  # our hook instead of ModelScope's CUDA-only DDPHook
+            callbacks = kwargs.get('callbacks') or []
+            kwargs['callbacks'] = (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]) \
+                + [DataParallelHook(launcher)]
         super().__init__(*args, **kwargs)
         device_type = 'cuda' if self.device.type == 'cuda' else 'cpu'
         self.precision = resolve_precision(self._amp_arg or self.cfg.train.get('amp', 'auto'), device_type)
         self._device_type = device_type
         if self.precision == 'fp16':
             self.use_fp16 = True  # ModelScope's TorchAMPOptimizerHook: autocast + GradScaler
+        self.register_hook(ExactResumeHook())
         if self.dataset_classes and self.model_unwrapped.CLASSES is None:
             self.model_unwrapped.CLASSES = list(self.dataset_classes)
 
@@ -64,6 +107,13 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     @property
     def model_unwrapped(self) -> VisionEfficientTuningModel:
         return self.unwrap_module(self.model)
+
+    def get_or_download_model_dir(self, model, model_revision=None, third_party=None):
+        """A local folder is used as it is: ModelScope's base trainer would ask the hub whether it is the
+        latest version, which stalls for seconds offline. Hub ids still go through ``snapshot_download``."""
+        if os.path.exists(model):
+            return model if os.path.isdir(model) else os.path.dirname(model)
+        return super().get_or_download_model_dir(model, model_revision, third_party)
 
     # -- model, data -------------------------------------------------------------------------------------------
     def build_model(self):
@@ -106,25 +156,58 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         return super().build_optimizer(cfg, default_args={'params': groups, **(default_args or {})})
 
     def train_step(self, model, inputs):
+        """Forward under the chosen precision; the loss is logged averaged over ranks on any device (the base
+        class moves it to CUDA for that, which fails on CPU data parallelism)."""
+        model.train()
+        self._mode = ModeKeys.TRAIN
         with autocast(self.precision, self._device_type):
-            return super().train_step(model, inputs)
+            outputs = model(inputs)
+        loss = outputs['loss'].detach().clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        self.log_buffer.update({'loss': loss.item()})
+        self.train_outputs = outputs
 
     def evaluation_step(self, data):
         with autocast(self.precision, self._device_type):
             return super().evaluation_step(data)
+
+    def evaluation_loop(self, data_loader, metric_classes):
+        """Data-parallel evaluation that works on CPU too: each rank scores its shard, the metric objects are
+        gathered with ``all_gather_object`` and merged (ModelScope's version broadcasts through CUDA)."""
+        if not self._dist:
+            return super().evaluation_loop(data_loader, metric_classes)
+        from modelscope.trainers.utils.inference import evaluate_batch
+        from modelscope.utils.data_utils import to_device
+        self.invoke_hook(TrainerStages.before_val)
+        for data in data_loader:
+            evaluate_batch(self, to_device(data, self.device), metric_classes, None)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, metric_classes)
+        values = {}
+        for i, metric in enumerate(metric_classes):
+            for rank, others in enumerate(gathered):
+                if rank != dist.get_rank():
+                    metric.merge(others[i])
+            values.update(metric.evaluate())
+        self.invoke_hook(TrainerStages.after_val)
+        return values
 
     # -- running -----------------------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
         trainable, total = self.model_unwrapped.trainable_parameters()
         self.logger.info(f'U-Tuning: training {trainable:,} of {total:,} parameters '
                          f'({100.0 * trainable / total:.3f}%), precision {self.precision}')
-        result = super().train(*args, **kwargs)
+        with torch.serialization.safe_globals(trainer_state_globals()):
+            result = super().train(*args, **kwargs)
         if is_master():
             self.export_output()
         return result
 
     def evaluate(self, *args, **kwargs) -> Dict[str, float]:
-        results = super().evaluate(*args, **kwargs)
+        with torch.serialization.safe_globals(trainer_state_globals()):
+            results = super().evaluate(*args, **kwargs)
         self.last_eval = dict(results or {})
         out = self.output_dir
         if is_master() and os.path.isfile(os.path.join(out, 'configuration.json')) and \

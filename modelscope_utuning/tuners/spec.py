@@ -180,13 +180,13 @@ def parse_tuners(entries: Optional[Sequence[Dict[str, Any]]], depth: int, embed_
     if not isinstance(entries, (list, tuple)):
         raise ValueError(f'model.backbone.tuners must be a list of tuner entries, got {entries!r}')
     specs = [parse_tuner(e, depth, embed_dim) for e in entries]
-    seen = {}
+    seen: Dict[tuple, List[TunerSpec]] = {}
     for spec in specs:
         key = (spec.type, spec.op)
-        if key in seen:
-            for i, (a, b) in enumerate(zip(seen[key].sizes, spec.sizes)):
+        for earlier in seen.get(key, []):  # every earlier entry of the same (type, op), not only the last
+            for i, (a, b) in enumerate(zip(earlier.sizes, spec.sizes)):
                 if a and b:
                     _fail(spec.source, f'layer {i} already has a {spec.type} tuner on op {spec.op!r} '
-                                       f'(from {seen[key].source!r})')
-        seen[key] = spec
+                                       f'(from {earlier.source!r})')
+        seen.setdefault(key, []).append(spec)
     return specs
