@@ -163,6 +163,10 @@ class VisionEfficientTuningModel(TorchModel):
         if 'pos_embed' in backbone_state:
             backbone_state['pos_embed'] = vit.load_pos_embed(backbone_state['pos_embed'])
         own = vit.state_dict()
+        resized = [k for k, v in backbone_state.items()
+                   if finetune and is_tuner_parameter(k) and k in own and v.shape != own[k].shape]
+        for k in resized:  # a new fine-tune with another tuner size: those tuners start fresh
+            backbone_state.pop(k)
         missing = [k for k in own if k not in backbone_state and not is_tuner_parameter(k) and k not in unloaded]
         unexpected = [k for k in backbone_state if k not in own and not is_tuner_parameter(k)]
         mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
@@ -179,7 +183,7 @@ class VisionEfficientTuningModel(TorchModel):
                 + (f'\n  missing head weights: {head_missing}' if head_missing else '')
                 + '\n(tuners absent from the checkpoint start fresh; set model.finetune and '
                   'model.pretrained_cfg.unload_part to drop weights on purpose)')
-        ignored = [k for k in backbone_state if k not in own] + other_form
+        ignored = [k for k in backbone_state if k not in own] + other_form + resized
         if ignored:
             from modelscope.utils.logger import get_logger
             get_logger().warning(f'checkpoint tuner weights not used by the configured tuners: {ignored}')

@@ -408,3 +408,16 @@ def test_sequential_adapter_weights_do_not_load_into_a_parallel_adapter():
     assert par.backbone.blocks[0].ffn_adapter.form == 'parallel'
     assert torch.count_nonzero(par.backbone.blocks[0].ffn_adapter.up.weight) == 0  # fresh: zero-initialised
     assert torch.equal(par.backbone.blocks[0].attn.qkv.weight, seq.backbone.blocks[0].attn.qkv.weight)
+
+
+def test_finetune_with_another_tuner_size_starts_those_tuners_fresh():
+    import os
+    import modelscope_utuning  # noqa: F401
+    from modelscope.models import Model
+    here = os.path.join(os.path.dirname(__file__), 'fixtures', 'builtin', 'adapter')
+    cfg = {'img_size': 224, 'patch_size': 16, 'embed_dim': 32, 'depth': 2, 'num_heads': 4, 'num_classes': 0,
+           'adapter_length': 4}
+    with pytest.raises(ValueError, match='ffn_adapter.down.weight: checkpoint'):
+        Model.from_pretrained(here, backbone=dict(cfg))
+    tuned = Model.from_pretrained(here, backbone=dict(cfg), finetune=True)
+    assert tuned.backbone.blocks[0].ffn_adapter.down.weight.shape == (4, 32)

@@ -153,7 +153,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
                               head_lr)
         for g in groups:
             g.pop('names')
-        return super().build_optimizer(cfg, default_args={'params': groups, **(default_args or {})})
+        from modelscope.trainers.optimizer.builder import build_optimizer
+        return build_optimizer(groups, cfg=cfg, default_args=default_args)  # parameter groups, not the module
 
     def train_step(self, model, inputs):
         """Forward under the chosen precision; the loss is logged averaged over ranks on any device (the base
