@@ -39,3 +39,12 @@ def build_backbone(vit_kwargs: Dict[str, Any], entries: List[Dict[str, Any]]):
     specs: List[TunerSpec] = parse_tuners(entries, vit.depth, vit.embed_dim)
     apply_tuners(vit, specs, act=vit_kwargs.get('act', 'gelu'))
     return vit, specs
+
+
+def enable_bypass(vit, specs: List[TunerSpec]) -> None:
+    """Switch on the bypass path; only parallel adapter / prefix / prompt tuners can live on it."""
+    bad = [s.source for s in specs if not (s.type in ('adapter', 'prefix', 'prompt') and s.form == 'parallel')]
+    if bad or not specs:
+        raise ValueError('model.backbone.bypass needs parallel adapter / prefix / prompt tuners only '
+                         f'(they read detached backbone features); not supported: {bad or "no tuners"}')
+    vit.bypass = True

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from modelscope.models.base import TorchModel
 
-from .backbone_config import build_backbone, split_backbone_config
+from .backbone_config import build_backbone, enable_bypass, split_backbone_config
 from .checkpoint.hub_layout import CHECKPOINT_FILE, from_builtin_names, read_checkpoint, write_checkpoint
 from .head import ClassifierHead
 from .tuners import Adapter, Prefix, Prompt, bitfit_parameter_names, is_tuner_parameter
@@ -97,6 +97,8 @@ class VisionEfficientTuningModel(TorchModel):
             vit_kwargs['num_classes'] = int(w.shape[0]) if w is not None else 0
         self.backbone_config = backbone_cfg
         vit, specs = build_backbone(vit_kwargs, entries)
+        if extras.get('bypass'):
+            enable_bypass(vit, specs)
 
         head_cfg = dict(head or (ckpt or {}).get('head_cfg') or {})
         head_cfg.pop('type', None)

@@ -216,6 +216,25 @@ class Block(nn.Module):
         y = y + self.drop_path2(self.ffn(self.norm2(y)))
         return self._combine('block', x, y) if self.op_tuners['block'] else y
 
+    def forward_frozen(self, x: torch.Tensor):
+        """The frozen block alone, ``-> (output, {op: OP input})``, for the bypass path."""
+        h_mha = self.norm1(x)
+        out, _ = self.attn(h_mha)
+        y = x + self.ls1(out)
+        h_ffn = self.norm2(y)
+        y = y + self.ls2(self.mlp(h_ffn))
+        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x}
+
+    def bypass_delta(self, inputs: Dict[str, torch.Tensor]):
+        """``sum over this block's tuners of s * U(h_op)`` on the frozen OP inputs (None without tuners)."""
+        delta = None
+        for op in OPS:
+            for name in self.op_tuners[op]:
+                h = inputs[op]
+                u = self._modules[name](h, torch.zeros((), dtype=h.dtype, device=h.device), block=self)
+                delta = u if delta is None else delta + u
+        return delta
+
 
 class VisionTransformer(nn.Module):
     """ViT backbone: ``forward_features`` gives tokens ``(B, N, C)``, ``forward_head`` the pooled feature.
@@ -254,6 +273,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.side = None  # a side-tuning network (tuners.side) when configured
+        self.bypass = False  # see forward_features
         self._init_weights()
 
     @property
@@ -280,7 +300,14 @@ class VisionTransformer(nn.Module):
         return x + self.pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, N, C)`` tokens after the final norm (prompt tokens, if any, at the end)."""
+        """``(B, 3, H, W) -> (B, N, C)`` tokens after the final norm (prompt tokens, if any, at the end).
+
+        Bypass mode (Res-Tuning-Bypass style): the frozen backbone runs without autograd and every parallel tuner
+        reads the detached OP inputs ``h_{l,op}``; their outputs form a side path added to the last residual
+        stream, ``x_L + sum_l sum_t s_t U_t(h_{l,op})``, so back-propagation never enters the backbone.
+        """
+        if self.bypass:
+            return self._forward_features_bypass(x)
         x = self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(x))))
         n_prompt = 0
         for blk in self.blocks:
@@ -289,6 +316,20 @@ class VisionTransformer(nn.Module):
                 x, n_prompt = prompt.insert(x, n_prompt)
             x = blk(x)
         return self.norm(x)
+
+    def _forward_features_bypass(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(x))))
+            inputs = []
+            for blk in self.blocks:
+                x, ops = blk.forward_frozen(x)
+                inputs.append(ops)
+        side = None
+        for blk, ops in zip(self.blocks, inputs):
+            delta = blk.bypass_delta(ops)
+            if delta is not None:
+                side = delta if side is None else side + delta
+        return self.norm(x if side is None else x + side)
 
     def forward_head(self, x: torch.Tensor, images: Optional[torch.Tensor] = None,
                      pre_logits: bool = False) -> torch.Tensor:

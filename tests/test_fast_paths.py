@@ -1,0 +1,131 @@
+"""Correctness guards for the fast paths: bypass mode, bf16 autocast, merged LoRA."""
+import copy
+
+import pytest
+import torch
+
+from modelscope_utuning.model import VisionEfficientTuningModel
+
+TRI = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 6},
+       {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 6},
+       {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 5}]
+
+
+def tiny(tuners=TRI, **backbone):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, tuners=tuners, **backbone)
+    torch.manual_seed(0)
+    return VisionEfficientTuningModel(backbone=cfg, head={'num_classes': 5})
+
+
+def randomize_tuners_(model):
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+def test_bypass_gradients_reach_only_tuners_and_head():
+    model = tiny(bypass=True)
+    randomize_tuners_(model)
+    model.train()
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    loss = model({'imgs': images, 'labels': torch.tensor([0, 3])})['loss']
+    loss.backward()
+    assert images.grad is None  # nothing flowed back through the frozen backbone into its input
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_bypass_keeps_activations_of_the_backbone_out_of_the_graph():
+    """The autograd graph of a bypass step holds no frozen-block activations: far fewer saved tensors."""
+    def saved_tensors(model):
+        count = 0
+
+        def pack(t):
+            nonlocal count
+            count += t.numel()
+            return t
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model({'imgs': torch.randn(2, 3, 32, 32), 'labels': torch.tensor([0, 1])})['loss']
+        return count
+    standard, bypass = tiny(), tiny(bypass=True)
+    assert saved_tensors(bypass) < 0.5 * saved_tensors(standard)
+
+
+def test_bypass_with_silent_tuners_is_the_frozen_backbone():
+    model = tiny(bypass=True)
+    plain = tiny(tuners=[])
+    plain.backbone.load_state_dict(model.backbone.state_dict(), strict=False)
+    plain.head.load_state_dict(model.head.state_dict())
+    model.eval(), plain.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # parallel tuners start silent (zero up-projection / values)
+        torch.testing.assert_close(model({'imgs': x})['scores'], plain({'imgs': x})['scores'], atol=1e-6, rtol=0)
+
+
+def test_bypass_is_the_first_order_u_tuning():
+    """With one tuned layer (the last), bypass and standard U-Tuning compute the same thing."""
+    tuners = [{'type': 'adapter', 'op': 'block', 'form': 'parallel', 'dim': 6, 'layers': [2]}]
+    standard, bypass = tiny(tuners), tiny(tuners, bypass=True)
+    randomize_tuners_(standard)
+    bypass.load_state_dict(standard.state_dict())
+    standard.eval(), bypass.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bypass({'imgs': x})['scores'], standard({'imgs': x})['scores'],
+                                   atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('tuners', [[{'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 4}],
+                                    [{'type': 'lora', 'op': 'mha', 'rank': 4}], [{'type': 'bitfit'}], []])
+def test_bypass_refuses_tuners_that_cannot_live_on_a_side_path(tuners):
+    with pytest.raises(ValueError, match='bypass'):
+        tiny(tuners, bypass=True)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    model = tiny()
+    randomize_tuners_(model)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = model({'imgs': x})['scores']
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model({'imgs': x})['scores']
+    assert low.dtype == torch.float32  # scores are computed in fp32 from bf16 logits
+    torch.testing.assert_close(low, ref, atol=2e-2, rtol=0)
+    assert torch.equal(low.argmax(1), ref.argmax(1))
+
+
+def test_bf16_training_step_matches_fp32_gradients():
+    model = tiny()
+    randomize_tuners_(model)
+    model.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=enabled):
+            loss = model({'imgs': x, 'labels': y})['loss']
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.99
+
+
+def test_merged_lora_runs_the_plain_path_with_the_same_outputs():
+    from modelscope_utuning.checkpoint.merge import merge_lora
+    model = tiny([{'type': 'lora', 'op': 'mha', 'rank': 4}, {'type': 'lora', 'op': 'ffn', 'rank': 4}])
+    randomize_tuners_(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model({'imgs': x})['scores']
+    merged = merge_lora(copy.deepcopy(model))
+    assert not [n for n, _ in merged.named_modules() if n.endswith('_lora')]
+    with torch.no_grad():
+        torch.testing.assert_close(merged({'imgs': x})['scores'], ref, atol=1e-5, rtol=0)
