@@ -31,18 +31,10 @@ class UnreadableImageError(ValueError):
 
 
 def load_image(row: Dict[str, Any]):
-    """The row's image as an RGB ``PIL.Image`` (opened from ``img_path:FILE`` or taken from ``image``)."""
-    from PIL import Image
-    if PATH_KEY in row:
-        with Image.open(row[PATH_KEY]) as img:
-            return img.convert('RGB')
-    img = row[IMAGE_KEY]
-    if isinstance(img, (str, os.PathLike)):
-        with Image.open(img) as opened:
-            return opened.convert('RGB')
-    if isinstance(img, Image.Image):
-        return img if img.mode == 'RGB' else img.convert('RGB')
-    return Image.fromarray(img).convert('RGB')  # numpy arrays and the like
+    """The row's image as an RGB ``PIL.Image`` (from ``img_path:FILE`` or ``image``), read exactly as the
+    pipeline reads images, so datasets and inference accept and refuse the same inputs."""
+    from ..preprocessing.image_io import load_image as load
+    return load(row)
 
 
 def _probe(row: Dict[str, Any], verify: bool = False) -> Optional[BaseException]:
