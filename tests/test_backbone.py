@@ -15,12 +15,7 @@ C, GRID = 32, 4
 N = GRID * GRID
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def imgs(b=2, size=32, seed=0):

@@ -39,12 +39,7 @@ def _present_cases():
 CASES = sorted(set(EXPECTED_CASES) | set(_present_cases()))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

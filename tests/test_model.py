@@ -29,12 +29,7 @@ PARALLEL = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4},
             {'type': 'lora', 'op': 'ffn', 'rank': 2, 'alpha': 4}]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def backbone_cfg(tuners=None, **kw):

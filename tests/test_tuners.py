@@ -23,13 +23,7 @@ SCALE_PARAMS = {'none': 0, 'scalar': 1, 'channel': C, 'input': C + 1}
 SIZE = 4
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster (and steadier on a shared machine) than several."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 PARALLEL = [('adapter', op) for op in ('mha', 'ffn', 'block')] + \
            [('prefix', op) for op in ('mha', 'ffn', 'block')] + \

@@ -16,27 +16,34 @@ import torch
 
 CHECKPOINT_FILE = 'pytorch_model.pt'
 
-# (built-in pattern, our replacement), applied to backbone-relative names.
-_BUILTIN_TO_OURS = [
-    (r'^blocks\.(\d+)\.adapter\.ln1\.', r'blocks.\1.ffn_adapter.down.'),
-    (r'^blocks\.(\d+)\.adapter\.ln2\.', r'blocks.\1.ffn_adapter.up.'),
-    (r'^blocks\.(\d+)\.attn\.prefix\.prefix_key$', r'blocks.\1.mha_prefix.key'),
-    (r'^blocks\.(\d+)\.attn\.prefix\.prefix_value$', r'blocks.\1.mha_prefix.value'),
-    (r'^blocks\.(\d+)\.attn\.lora\.', r'blocks.\1.mha_lora.'),
-    (r'^blocks\.(\d+)\.prompt\.prompt_token$', r'blocks.\1.block_prompt.tokens'),
-    (r'^sidetune\.side\.', 'side.net.'),
-    (r'^sidetune\.alpha$', 'side.alpha'),
-]
-_OURS_TO_BUILTIN = [
-    (r'^blocks\.(\d+)\.ffn_adapter\.down\.', r'blocks.\1.adapter.ln1.'),
-    (r'^blocks\.(\d+)\.ffn_adapter\.up\.', r'blocks.\1.adapter.ln2.'),
-    (r'^blocks\.(\d+)\.mha_prefix\.key$', r'blocks.\1.attn.prefix.prefix_key'),
-    (r'^blocks\.(\d+)\.mha_prefix\.value$', r'blocks.\1.attn.prefix.prefix_value'),
-    (r'^blocks\.(\d+)\.mha_lora\.', r'blocks.\1.attn.lora.'),
-    (r'^blocks\.(\d+)\.block_prompt\.tokens$', r'blocks.\1.prompt.prompt_token'),
-    (r'^side\.net\.', 'sidetune.side.'),
-    (r'^side\.alpha$', 'sidetune.alpha'),
-]
+# (built-in name, our name) of each tuner parameter the built-in has; inside ``blocks.N.`` for all but the
+# side network. Both directions of the translation are derived from this one table.
+_BLOCK_NAMES = [('adapter.ln1.', 'ffn_adapter.down.'), ('adapter.ln2.', 'ffn_adapter.up.'),
+                ('attn.prefix.prefix_key', 'mha_prefix.key'), ('attn.prefix.prefix_value', 'mha_prefix.value'),
+                ('attn.lora.', 'mha_lora.'), ('prompt.prompt_token', 'block_prompt.tokens')]
+_TOP_NAMES = [('sidetune.side.', 'side.net.'), ('sidetune.alpha', 'side.alpha')]
+# Modules whose built-in name means the sequential form (ours may be parallel under the same slot).
+_TWO_FORM_MODULES = ('ffn_adapter', 'mha_prefix', 'block_prompt')
+
+
+def _rules(reverse: bool):
+    def pattern(name, block):
+        exact = '' if name.endswith('.') else '$'
+        return (r'^blocks\.(\d+)\.' if block else '^') + re.escape(name) + exact
+
+    def replacement(name, block):
+        return (r'blocks.\1.' if block else '') + name
+
+    rules = []
+    for table, block in ((_BLOCK_NAMES, True), (_TOP_NAMES, False)):
+        for builtin, ours in table:
+            src, dst = (ours, builtin) if reverse else (builtin, ours)
+            rules.append((pattern(src, block), replacement(dst, block)))
+    return rules
+
+
+_BUILTIN_TO_OURS = _rules(reverse=False)
+_OURS_TO_BUILTIN = _rules(reverse=True)
 
 
 def _rename(name: str, rules) -> str:
@@ -54,12 +61,12 @@ def from_builtin_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
 def to_builtin_names(state: Dict[str, torch.Tensor], sequential_only: Optional[set] = None) -> Dict[str, Any]:
     """Our backbone names -> the built-in's, for the tuners the built-in has (sequential ffn adapter,
     sequential mha prefix, mha LoRA, sequential block prompt, side-tuning); ``sequential_only`` names the
-    modules (e.g. ``blocks.0.ffn_adapter``) whose form the built-in shares; others keep our names."""
+    modules (e.g. ``blocks.0.ffn_adapter``) whose form the built-in shares; other two-form tuners (parallel
+    ones) keep our names, since the built-in would read them as its sequential tuner."""
     out = {}
     for k, v in state.items():
-        module = k.rsplit('.', 1)[0]
-        shared = sequential_only is None or any(k.startswith(m + '.') for m in sequential_only) \
-            or not re.search(r'\.(ffn_adapter|mha_prefix|block_prompt)\.', '.' + k)
+        two_form = any(f'.{m}.' in f'.{k}' for m in _TWO_FORM_MODULES)
+        shared = not two_form or sequential_only is None or any(k.startswith(m + '.') for m in sequential_only)
         out[_rename(k, _OURS_TO_BUILTIN) if shared else k] = v
     return out
 
