@@ -200,30 +200,36 @@ class Block(nn.Module):
     # -- the three OPs ------------------------------------------------------------------------------------
     def mha(self, h: torch.Tensor) -> torch.Tensor:
         """``mha(h) = ls1(Attn(h))`` plus the tuners attached to it."""
+        return self._mha(h)[0]
+
+    def _mha(self, h: torch.Tensor):
+        """-> (mha OP output, the attention's query (B, H, N, d) when it is the frozen ``W_q h``, else None)."""
         lora = self.tuner('mha', 'lora')
         prefix = self.tuner('mha', 'prefix')
         qkv_delta = lora.delta_qkv(h) if lora is not None else None
         extra_kv = prefix.extra_kv(h.shape[0]) if prefix is not None and prefix.form == 'sequential' else None
         out, q = self.attn(h, qkv_delta=qkv_delta, extra_kv=extra_kv)
-        return self._combine('mha', h, self.ls1(out), q=q)
+        return self._combine('mha', h, self.ls1(out), q=q), (q if lora is None else None)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """``ffn(h) = ls2(MLP(h))`` plus the tuners attached to it."""
         return self._combine('ffn', h, self.ls2(self.mlp(h, lora=self.tuner('ffn', 'lora'))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x + self.drop_path1(self.mha(self.norm1(x)))
+        out, q = self._mha(self.norm1(x))
+        y = x + self.drop_path1(out)
         y = y + self.drop_path2(self.ffn(self.norm2(y)))
-        return self._combine('block', x, y) if self.op_tuners['block'] else y
+        # Tuners on the block OP query with W_q norm1(x): the attention's own q, reused.
+        return self._combine('block', x, y, q=q) if self.op_tuners['block'] else y
 
     def forward_frozen(self, x: torch.Tensor):
         """The frozen block alone, ``-> (output, {op: OP input})``, for the bypass path."""
         h_mha = self.norm1(x)
-        out, _ = self.attn(h_mha)
+        out, q = self.attn(h_mha)
         y = x + self.ls1(out)
         h_ffn = self.norm2(y)
         y = y + self.ls2(self.mlp(h_ffn))
-        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x}
+        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x, 'q': q}
 
     def bypass_delta(self, inputs: Dict[str, torch.Tensor]):
         """``sum over this block's tuners of s * U(h_op)`` on the frozen OP inputs (None without tuners)."""
@@ -231,7 +237,8 @@ class Block(nn.Module):
         for op in OPS:
             for name in self.op_tuners[op]:
                 h = inputs[op]
-                u = self._modules[name](h, torch.zeros((), dtype=h.dtype, device=h.device), block=self)
+                q = inputs['q'] if op in ('mha', 'block') else None  # W_q norm1(x), computed by the attention
+                u = self._modules[name](h, torch.zeros((), dtype=h.dtype, device=h.device), block=self, q=q)
                 delta = u if delta is None else delta + u
         return delta
 

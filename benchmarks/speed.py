@@ -1,0 +1,126 @@
+"""Train / inference throughput and peak memory of one implementation, in its own process.
+
+    python benchmarks/speed.py --impl ours    --model-dir DIR --mode train --precision fp32
+    /opt/refvenv/bin/python benchmarks/speed.py --impl builtin --model-dir DIR --mode train --precision fp32
+
+Both load the same hub-layout directory (``Model.from_pretrained``). ``ours`` imports modelscope_utuning; ``builtin``
+uses ModelScope's own vision-efficient-tuning code (needs torchvision, so run it from a venv that has it). The
+built-in trains only what its trainer would: backbone frozen except the tuner modules, head trainable. Prints one
+JSON line: img/s, seconds per step, peak RSS (GB), trainable parameters, achieved GFLOP/s (35.1 GFLOP per
+224-px ViT-B/16 image forward; training counts 3x) and the machine's fp32 GEMM peak measured in the same run.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+
+TUNER_KEYS = ('adapter', 'prefix', 'prompt', 'lora', 'sidetune', 'side', 'head', 'mha_', 'ffn_', 'block_')
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def load(impl: str, model_dir: str):
+    if impl == 'ours':
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+        import modelscope_utuning  # noqa: F401  (registers our model)
+    from modelscope.models import Model
+    model = Model.from_pretrained(model_dir)
+    if impl == 'builtin':
+        for name, p in model.named_parameters():
+            p.requires_grad = any(k in name for k in TUNER_KEYS) and 'backbone.head' not in name
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--impl', choices=('ours', 'builtin'), required=True)
+    ap.add_argument('--model-dir', required=True)
+    ap.add_argument('--mode', choices=('train', 'infer'), default='train')
+    ap.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    ap.add_argument('--batch', type=int, default=8)
+    ap.add_argument('--steps', type=int, default=6)
+    ap.add_argument('--warmup', type=int, default=2)
+    ap.add_argument('--threads', type=int, default=0)
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    ap.add_argument('--merge-lora', action='store_true', help='ours: fold LoRA into the weights first')
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = load(args.impl, args.model_dir)
+    if args.merge_lora:
+        from modelscope_utuning.checkpoint.merge import merge_lora
+        model = merge_lora(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = torch.device(args.device)
+    model.to(device)
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == 'bf16' else \
+        (lambda: torch.autocast(device.type, enabled=False))
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    model.train(args.mode == 'train')
+
+    def step():
+        if args.mode == 'train':
+            with ctx():
+                loss = model({'imgs': x, 'labels': y})['loss']
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode(), ctx():
+                model({'imgs': x})
+
+    activation_bytes = None
+    if args.mode == 'train':  # bytes autograd keeps for backward during one forward (the activation memory)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())  # views of one storage count once per save: an upper bound
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx():
+            loss = model({'imgs': x, 'labels': y})['loss']
+        activation_bytes = sum(saved)
+        loss.backward()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / args.steps
+    ips = args.batch / dt
+    flops_per_img = 35.1e9 * (3 if args.mode == 'train' else 1)
+    print(json.dumps({
+        'impl': args.impl, 'mode': args.mode, 'precision': args.precision, 'batch': args.batch,
+        'img_per_s': round(ips, 3), 's_per_step': round(dt, 3),
+        'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+        'activation_gb': None if activation_bytes is None else round(activation_bytes / 1e9, 3),
+        'trainable_params': trainable, 'gflops_achieved': round(ips * flops_per_img / 1e9, 1),
+        'gemm_peak_gflops_fp32': round(gemm_peak_gflops(), 1) if device.type == 'cpu' else None,
+        'cuda_peak_gb': round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == 'cuda' else None,
+        'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
+        'threads': torch.get_num_threads(), 'model_dir': args.model_dir, 'merge_lora': args.merge_lora}))
+
+
+if __name__ == '__main__':
+    main()
