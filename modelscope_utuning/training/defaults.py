@@ -34,3 +34,14 @@ def apply_defaults(cfg: Config) -> Config:
     """Fill what is missing, never overriding what the configuration says."""
     _fill(cfg, DEFAULTS)
     return cfg
+
+
+def add_warmup(cfg: Config) -> Config:
+    """Linear warm-up over the first tenth of the epochs, from 10% of the learning rate; none for runs of fewer
+    than 5 epochs, where it would eat most of the training."""
+    epochs = int(cfg.safe_get('train.max_epochs') or 0)
+    if epochs >= 5:
+        options = cfg.train.lr_scheduler.setdefault('options', ConfigDict())
+        options.setdefault('warmup', ConfigDict(type='LinearWarmup', warmup_iters=max(1, epochs // 10),
+                                                warmup_ratio=0.1))
+    return cfg

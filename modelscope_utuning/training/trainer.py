@@ -27,7 +27,7 @@ from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
 from ..model import VisionEfficientTuningModel
-from .defaults import apply_defaults
+from .defaults import add_warmup, apply_defaults
 from .distributed import DataParallelHook
 from .export import export_output
 from .metrics import TOPK_METRIC
@@ -77,6 +77,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
         self._amp_arg, self._on_bad_image_arg = amp, on_bad_image
+        self._has_eval_data = kwargs.get('eval_dataset') is not None
         self.dataset_classes = None
         launcher = kwargs.pop('launcher', None)
         if launcher is not None:  # our hook instead of ModelScope's CUDA-only DDPHook
@@ -95,8 +96,15 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     # -- configuration -----------------------------------------------------------------------------------
     def rebuild_config(self, cfg):
+        default_schedule = cfg.safe_get('train.lr_scheduler') is None
         cfg = apply_defaults(cfg)
         cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
+        if default_schedule:  # our cosine schedule warms up over the first tenth of the epochs (>= 1)
+            add_warmup(cfg)
+        hooks = [h.get('type') for h in (cfg.safe_get('train.hooks') or [])]
+        if getattr(self, '_has_eval_data', False) and 'EvaluationHook' not in hooks \
+                and cfg.safe_get('evaluation.period') is None:
+            cfg.evaluation.period = ConfigDict(interval=1)  # evaluate after every epoch (log + model card)
         head = cfg.safe_get('model.head') or {}
         metrics = list(cfg.safe_get('evaluation.metrics') or [])
         if head.get('num_classes', 0) > 5 and 'accuracy' in metrics and TOPK_METRIC not in metrics:
