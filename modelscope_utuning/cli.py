@@ -31,6 +31,8 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .fileio import read_json_object
+
 PROG = 'modelscope-utuning'
 TOKEN_ENV = 'MODELSCOPE_API_TOKEN'
 HUB_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$')
@@ -143,13 +145,9 @@ def list_presets() -> Dict[str, str]:
 
 def _read_json(path: str) -> Dict:
     try:
-        with open(path, encoding='utf-8') as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CLIError(f'cannot read {path}: {e}') from None
-    if not isinstance(data, dict):
-        raise CLIError(f'{path}: expected a JSON object (a configuration.json)')
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _materialize_config(path: str, work_dir: str) -> str:

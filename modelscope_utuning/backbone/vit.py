@@ -15,7 +15,6 @@ parallel form ``OP'(h) = OP(h) + s * U(h)``.
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch

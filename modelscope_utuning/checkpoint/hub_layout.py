@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from ..fileio import atomic_write
 
 CHECKPOINT_FILE = 'pytorch_model.pt'
 
@@ -102,18 +103,7 @@ def split_model_state(state: Dict[str, torch.Tensor], classes: Optional[List[str
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: no half-written checkpoint on failure."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.pt')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_checkpoint(path: str, backbone_state: Dict[str, torch.Tensor], head_state: Dict[str, torch.Tensor],

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+
+from ..fileio import atomic_write
 
 WEIGHTS_FILE = 'adapter_model.safetensors'
 CONFIG_FILE = 'adapter_config.json'
@@ -77,19 +78,6 @@ def tuner_config(model) -> Dict[str, Any]:
     }
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_tuners(model, folder: str) -> Dict[str, str]:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``folder``; returns their paths."""
     from safetensors.torch import save_file
@@ -98,13 +86,13 @@ def save_tuners(model, folder: str) -> Dict[str, str]:
     config = tuner_config(model)
     text = json.dumps(config, indent=2, ensure_ascii=False, default=_json_default) + '\n'
     weights, cfg_path = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, CONFIG_FILE)
-    _atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={'format': 'pt',
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={'format': 'pt',
                                                                        'format_version': str(FORMAT_VERSION)}))
 
     def write_json(tmp: str) -> None:
         with open(tmp, 'w', encoding='utf-8') as f:
             f.write(text)
-    _atomic_write(cfg_path, write_json)
+    atomic_write(cfg_path, write_json)
     return {'weights': weights, 'config': cfg_path}
 
 

@@ -18,7 +18,6 @@ Configuration (the ``preprocessor`` section of configuration.json; every key opt
 from __future__ import annotations
 
 import copy
-import json
 import numbers
 import os
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from modelscope.preprocessors.base import Preprocessor
 from modelscope.utils.constant import ModeKeys
 from modelscope.utils.logger import get_logger
 
+from ..fileio import read_json_object
 from .image_io import IMAGE_KEYS, ImageInputError, describe, load_image
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, build_modelscope_list, eval_transform,
                          interpolation_of, train_transform)
@@ -183,14 +183,7 @@ def _read_config(model_dir: Optional[str]) -> Dict[str, Any]:
     path = os.path.join(model_dir, 'configuration.json')
     if not os.path.isfile(path):
         raise ValueError(f'{model_dir!r} has no configuration.json')
-    try:
-        with open(path, encoding='utf-8') as f:
-            cfg = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path}: cannot read it as JSON ({e})') from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f'{path}: expected a JSON object at the top level')
-    return cfg
+    return read_json_object(path)
 
 
 def _backbone_img_size(cfg: Mapping) -> Union[int, Sequence[int]]:

@@ -9,24 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from typing import Dict, List, Optional
 
+from ..checkpoint.tuner_only import save_tuners
+from ..fileio import atomic_write, write_text_atomic
+
 PLUGIN_PACKAGE = 'modelscope-utuning'
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-')
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def output_configuration(cfg: Dict, num_classes: int) -> Dict:
@@ -89,15 +77,7 @@ def write_training_curve(rows: List[Dict], path: str) -> bool:
             lo, hi = _polyline(draw, box, values, color)
             draw.text((box[0] + 4, box[1] + 2), f'max {hi:.4g}', fill='black')
             draw.text((box[0] + 4, box[3] - 14), f'min {lo:.4g}', fill='black')
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.png')
-    os.close(fd)
-    try:
-        img.save(tmp, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: img.save(tmp, format='PNG'))
     return True
 
 
@@ -138,12 +118,7 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
     stale = os.path.join(output_dir, 'pytorch_model.bin')  # ModelScope's link of the raw epoch file
     if os.path.lexists(stale):
         os.remove(stale)
-    try:
-        from ..checkpoint.tuner_only import save_tuners
-    except ImportError:  # pragma: no cover - the tuner-only format ships with the package
-        save_tuners = None
-    if save_tuners is not None:
-        save_tuners(model, output_dir)
+    save_tuners(model, output_dir)
     out_cfg = output_configuration(cfg, model.head.num_classes)
     write_text_atomic(os.path.join(output_dir, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
     rows = read_log(log_json)

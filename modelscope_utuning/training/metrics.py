@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-import torch
 from modelscope.metrics.base import Metric
 
 TOPK_METRIC = 'vision-efficient-tuning-top5'

@@ -12,7 +12,7 @@ Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp1
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist

@@ -16,7 +16,7 @@ exactly the built-in's tuners: sequential adapter on the FFN output, sequential 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from ..backbone.vit import ACTIVATIONS, OPS
