@@ -121,9 +121,14 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
     save_tuners(model, output_dir)
     out_cfg = output_configuration(cfg, model.head.num_classes)
     write_text_atomic(os.path.join(output_dir, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
-    rows = read_log(log_json)
-    has_curve = write_training_curve(rows, os.path.join(output_dir, 'training_curve.png'))
+    write_card(model, out_cfg, output_dir, eval_results, log_json)
+    return output_dir
+
+
+def write_card(model, out_cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
+               log_json: Optional[str] = None) -> None:
+    """``README.md`` and ``training_curve.png`` of the output folder (cheap: no weights are written)."""
+    has_curve = write_training_curve(read_log(log_json), os.path.join(output_dir, 'training_curve.png'))
     trainable, total = model.trainable_parameters()
     write_text_atomic(os.path.join(output_dir, 'README.md'),
                       model_card(model, out_cfg, eval_results or {}, trainable, total, has_curve))
-    return output_dir

@@ -29,7 +29,7 @@ from modelscope.utils.torch_utils import is_master
 from ..model import VisionEfficientTuningModel
 from .defaults import add_warmup, apply_defaults
 from .distributed import DataParallelHook
-from .export import export_output
+from .export import export_output, output_configuration, write_card
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
@@ -221,7 +221,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         out = self.output_dir
         if is_master() and os.path.isfile(os.path.join(out, 'configuration.json')) and \
                 os.path.isfile(os.path.join(out, ModelFile.TORCH_MODEL_FILE)):
-            self.export_output()  # refresh the model card with these results
+            model = self.model_unwrapped  # refresh only the model card with these results
+            write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes), out,
+                       self.last_eval, self._log_json)
         return results
 
     @property
@@ -233,6 +235,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         model = self.model_unwrapped
         if self.dataset_classes and (model.CLASSES is None or len(model.CLASSES) != model.head.num_classes):
             model.CLASSES = list(self.dataset_classes)
-        log_json = os.path.join(self.work_dir, f'{self.timestamp}.log.json')
         results = getattr(self, 'last_eval', None) or self._metric_values or {}
-        return export_output(model, self.cfg.to_dict(), self.output_dir, results, log_json)
+        return export_output(model, self.cfg.to_dict(), self.output_dir, results, self._log_json)
+
+    @property
+    def _log_json(self) -> str:
+        return os.path.join(self.work_dir, f'{self.timestamp}.log.json')
