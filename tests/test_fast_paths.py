@@ -1,4 +1,5 @@
-"""Correctness guards for the fast paths: bypass mode, bf16 autocast, merged LoRA."""
+"""Correctness guards for the fast paths: rows nothing reads are skipped, bypass mode, bf16 autocast, merged
+LoRA."""
 import copy
 
 import pytest
@@ -22,6 +23,96 @@ def randomize_tuners_(model):
     for p in model.parameters():
         if p.requires_grad:
             p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+EVERY_KIND = [  # original and parallel forms on every OP, incl. VPT-deep prompts that replace each other
+    {'type': 'prompt', 'op': 'block', 'form': 'sequential', 'length': 3},
+    {'type': 'prefix', 'op': 'mha', 'form': 'sequential', 'length': 4},
+    {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 5},
+    {'type': 'lora', 'op': 'mha', 'rank': 2},
+    {'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 6, 'scale': 'input'},
+    {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 5},
+    {'type': 'prompt', 'op': 'ffn', 'form': 'parallel', 'length': 2},
+    {'type': 'bitfit'}]
+
+
+def all_rows_reference(vit, images):
+    """The backbone with every token finished in every block: no row skipped. -> (B, N, C) after the norm."""
+    x = vit.norm_pre(vit.pos_drop(vit._pos_embed(vit.patch_embed(images))))
+    n_prompt = 0
+    for blk in vit.blocks:
+        prompt = blk.tuner('block', 'prompt')
+        if prompt is not None:
+            x, n_prompt = prompt.insert(x, n_prompt)
+        x = blk(x)
+    return vit.norm(x)
+
+
+def trainable_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize('pool', ['token', 'avg'])
+def test_skipped_rows_change_neither_outputs_nor_gradients(pool):
+    """forward() finishes only the rows pooling reads (class token in the last block; VPT prompt rows about to
+    be replaced): outputs and every trainable gradient match the all-rows computation."""
+    model = tiny(EVERY_KIND, global_pool=pool, class_token=True)
+    randomize_tuners_(model)
+    model.train()  # dropout rates are 0: train mode is deterministic here
+    vit = model.backbone
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    logits = model.model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    fast = trainable_grads(model)
+    model.zero_grad()
+    ref_tokens = all_rows_reference(vit, x)
+    ref_logits = model.model.head(vit.forward_head(ref_tokens))
+    torch.nn.functional.cross_entropy(ref_logits, y).backward()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    ref = trainable_grads(model)
+    assert fast.keys() == ref.keys() and any(k.endswith('block_prompt.tokens') for k in fast)
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():  # forward_features keeps every output row, prompts of the last layer included
+        torch.testing.assert_close(vit.forward_features(x), ref_tokens, atol=1e-5, rtol=0)
+
+
+def test_class_token_pooling_saves_less_for_backward():
+    """Skipping rows is visible in the autograd graph: the last block keeps activations for one row only."""
+    def saved_numel(fn):
+        count = 0
+
+        def pack(t):
+            nonlocal count
+            count += t.numel() if not isinstance(t, torch.nn.Parameter) else 0
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return count
+    model = tiny(EVERY_KIND)
+    model.train()
+    x = torch.randn(2, 3, 32, 32)
+    skipped = saved_numel(lambda: model.model(x))
+    full = saved_numel(lambda: model.model.head(model.backbone.forward_head(all_rows_reference(model.backbone, x))))
+    assert skipped < 0.85 * full
+
+
+def test_bypass_class_row_only_matches_all_rows():
+    """Under class-token pooling the bypass side path runs its tuners on the class row alone."""
+    model = tiny(bypass=True)
+    randomize_tuners_(model)
+    vit = model.backbone
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    logits = model.model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    fast = trainable_grads(model)
+    model.zero_grad()
+    ref_logits = model.model.head(vit.forward_head(vit.forward_features(x)))  # all rows, then pool
+    torch.nn.functional.cross_entropy(ref_logits, y).backward()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    ref = trainable_grads(model)
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_bypass_gradients_reach_only_tuners_and_head():

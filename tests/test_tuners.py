@@ -123,7 +123,7 @@ def plain_copy(vit: VisionTransformer, **vit_overrides) -> VisionTransformer:
     missing, unexpected = plain.load_state_dict({k: v for k, v in vit.state_dict().items() if k in own},
                                                 strict=False)
     assert not missing
-    return plain.eval()
+    return plain.requires_grad_(False).eval()  # frozen like the tuned model's backbone: the same kernels run
 
 
 # -- the matrix -------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import FrozenFastLinear, QKVLinear, linear
 from .pos_embed import resample_abs_pos_embed
 
 OPS = ('mha', 'ffn', 'block')
@@ -100,9 +101,9 @@ class Attention(nn.Module):
             raise ValueError(f'embed_dim={dim} must be divisible by num_heads={num_heads}')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = QKVLinear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FrozenFastLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -116,21 +117,29 @@ class Attention(nn.Module):
         C = self.num_heads * self.head_dim
         w = self.qkv.weight[i * C:(i + 1) * C]
         b = None if self.qkv.bias is None else self.qkv.bias[i * C:(i + 1) * C]
-        return self.split_heads(F.linear(h, w, b))
+        return self.split_heads(linear(h, w, b))
 
     def forward(self, h: torch.Tensor, qkv_delta: Optional[torch.Tensor] = None,
-                extra_kv: Optional[Sequence[torch.Tensor]] = None):
-        """Returns ``(out (B, N, C), q (B, H, N, d))``; q is reused by parallel tuners on the same OP."""
+                extra_kv: Optional[Sequence[torch.Tensor]] = None, n_query: Optional[int] = None):
+        """Returns ``(out (B, n, C), q (B, H, n, d))`` for the first ``n = n_query`` tokens (all by default).
+
+        Every token of ``h`` (B, N, C) is a key / value; only the first n are queries, so tokens whose outputs
+        are discarded (the last layer's non-class tokens under class-token pooling, VPT prompts about to be
+        replaced) cost just their key / value projection. q is reused by parallel tuners on the same OP.
+        """
         B, N, C = h.shape
-        qkv = self.qkv(h)
+        n = N if n_query is None else n_query
+        q, kv = self.qkv(h, n_query=n)
         if qkv_delta is not None:
-            qkv = qkv + qkv_delta
-        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q + qkv_delta[:, :n, :C]
+            kv = kv + qkv_delta[..., C:]
+        q = self.split_heads(q)
+        k, v = kv.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if extra_kv is not None:
             k = torch.cat((k, extra_kv[0]), dim=2)
             v = torch.cat((v, extra_kv[1]), dim=2)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, N, C)
+        out = out.transpose(1, 2).reshape(B, n, C)
         return self.proj_drop(self.proj(out)), q
 
 
@@ -139,10 +148,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = FrozenFastLinear(dim, hidden)
         self.act = make_activation(act)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = FrozenFastLinear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, h: torch.Tensor, lora: Optional[nn.Module] = None) -> torch.Tensor:
@@ -201,34 +210,44 @@ class Block(nn.Module):
         """``mha(h) = ls1(Attn(h))`` plus the tuners attached to it."""
         return self._mha(h)[0]
 
-    def _mha(self, h: torch.Tensor):
-        """-> (mha OP output, the attention's query (B, H, N, d) when it is the frozen ``W_q h``, else None)."""
+    def _mha(self, h: torch.Tensor, n: Optional[int] = None):
+        """-> (mha OP output for the first n tokens, the attention's query (B, H, n, d) when it is the frozen
+        ``W_q h``, else None). All N tokens of h serve as keys and values."""
         lora = self.tuner('mha', 'lora')
         prefix = self.tuner('mha', 'prefix')
         qkv_delta = lora.delta_qkv(h) if lora is not None else None
         extra_kv = prefix.extra_kv(h.shape[0]) if prefix is not None and prefix.form == 'sequential' else None
-        out, q = self.attn(h, qkv_delta=qkv_delta, extra_kv=extra_kv)
-        return self._combine('mha', h, self.ls1(out), q=q), (q if lora is None else None)
+        out, q = self.attn(h, qkv_delta=qkv_delta, extra_kv=extra_kv, n_query=n)
+        h_n = h if n is None else h[:, :n].contiguous()
+        return self._combine('mha', h_n, self.ls1(out), q=q), (q if lora is None else None)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """``ffn(h) = ls2(MLP(h))`` plus the tuners attached to it."""
         return self._combine('ffn', h, self.ls2(self.mlp(h, lora=self.tuner('ffn', 'lora'))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, q = self._mha(self.norm1(x))
-        y = x + self.drop_path1(out)
+    def forward(self, x: torch.Tensor, n_out: Optional[int] = None) -> torch.Tensor:
+        """``(B, N, C) -> (B, n_out, C)``: the outputs of the first ``n_out`` tokens (all by default).
+
+        Every token still serves as key / value, so the kept rows equal the full block's rows; the others skip
+        the query, attention output, projection, FFN and tuners.
+        """
+        out, q = self._mha(self.norm1(x), n_out)
+        x_n = x if n_out is None else x[:, :n_out].contiguous()
+        y = x_n + self.drop_path1(out)
         y = y + self.drop_path2(self.ffn(self.norm2(y)))
         # Tuners on the block OP query with W_q norm1(x): the attention's own q, reused.
-        return self._combine('block', x, y, q=q) if self.op_tuners['block'] else y
+        return self._combine('block', x_n, y, q=q) if self.op_tuners['block'] else y
 
-    def forward_frozen(self, x: torch.Tensor):
-        """The frozen block alone, ``-> (output, {op: OP input})``, for the bypass path."""
+    def forward_frozen(self, x: torch.Tensor, n_out: Optional[int] = None):
+        """The frozen block alone, ``-> (output, {op: OP input})`` for the first n_out tokens (bypass path)."""
         h_mha = self.norm1(x)
-        out, q = self.attn(h_mha)
-        y = x + self.ls1(out)
+        out, q = self.attn(h_mha, n_query=n_out)
+        x_n = x if n_out is None else x[:, :n_out].contiguous()
+        y = x_n + self.ls1(out)
         h_ffn = self.norm2(y)
         y = y + self.ls2(self.mlp(h_ffn))
-        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x, 'q': q}
+        h_mha = h_mha if n_out is None else h_mha[:, :n_out].contiguous()
+        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x_n, 'q': q}
 
     def bypass_delta(self, inputs: Dict[str, torch.Tensor]):
         """``sum over this block's tuners of s * U(h_op)`` on the frozen OP inputs (None without tuners)."""
@@ -312,30 +331,55 @@ class VisionTransformer(nn.Module):
         reads the detached OP inputs ``h_{l,op}``; their outputs form a side path added to the last residual
         stream, ``x_L + sum_l sum_t s_t U_t(h_{l,op})``, so back-propagation never enters the backbone.
         """
-        if self.bypass:
-            return self._forward_features_bypass(x)
+        return self._tokens(x, class_token_only=False)
+
+    def _sequential_prompt(self, i: int):
+        prompt = self.blocks[i].tuner('block', 'prompt') if i < len(self.blocks) else None
+        return prompt if prompt is not None and prompt.form == 'sequential' else None
+
+    def _tokens(self, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
+        """Tokens after the final norm; with ``class_token_only`` just ``(B, 1, C)``, the class token.
+
+        Rows whose outputs nothing reads are not computed (they still act as keys / values): the last block's
+        non-class rows when only the class token is pooled, and a layer's VPT prompt rows when the next layer
+        replaces them with its own. The kept rows are the same numbers the full computation gives.
+        """
         x = self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(x))))
+        if self.bypass:
+            return self._tokens_bypass(x, class_token_only)
         n_prompt = 0
-        for blk in self.blocks:
-            prompt = blk.tuner('block', 'prompt')
-            if prompt is not None and prompt.form == 'sequential':
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            prompt = self._sequential_prompt(i)
+            if prompt is not None:
                 x, n_prompt = prompt.insert(x, n_prompt)
-            x = blk(x)
+            n_out = None
+            if i == last and class_token_only:
+                n_out = 1
+            elif n_prompt and self._sequential_prompt(i + 1) is not None:
+                n_out, n_prompt = x.shape[1] - n_prompt, 0
+            x = blk(x, n_out)
         return self.norm(x)
 
-    def _forward_features_bypass(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(x))))
-            inputs = []
-            for blk in self.blocks:
-                x, ops = blk.forward_frozen(x)
-                inputs.append(ops)
+    def _tokens_bypass(self, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
+        # Each block's tuners run right after its frozen step, so only their (small) inputs outlive it. Under
+        # class-token pooling the side path only reaches the class row, so the tuners see just that row.
+        n_side = 1 if class_token_only else None
         side = None
-        for blk, ops in zip(self.blocks, inputs):
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            with torch.no_grad():
+                x, ops = blk.forward_frozen(x, n_out=n_side if i == last else None)
+                if n_side is not None and i != last:
+                    ops = {op: (t[:, :, :n_side] if op == 'q' else t[:, :n_side]).contiguous()
+                           for op, t in ops.items()}
             delta = blk.bypass_delta(ops)
             if delta is not None:
                 side = delta if side is None else side + delta
-        return self.norm(x if side is None else x + side)
+        if side is not None:
+            x = x if n_side is None else x[:, :n_side]
+            x = x + side
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, images: Optional[torch.Tensor] = None,
                      pre_logits: bool = False) -> torch.Tensor:
@@ -352,7 +396,9 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(images), images=images)
+        """``(B, 3, H, W) -> (B, out_dim)``. With class-token pooling only the class token's row is finished."""
+        tokens = self._tokens(images, class_token_only=self.global_pool == 'token')
+        return self.forward_head(tokens, images=images)
 
     def load_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
         """Resample a checkpoint's position embedding to this model's grid (no-op when it already fits)."""
