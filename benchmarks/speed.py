@@ -46,6 +46,17 @@ def _torchvision_placeholder():
     sys.modules['torchvision'] = module
 
 
+def set_cpu_allocator(kind: str) -> bool:
+    """The package's own train.cpu_allocator code, loaded by file path so the built-in's venv can use it too."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'modelscope_utuning', 'training',
+                        'memory.py')
+    spec = importlib.util.spec_from_file_location('utuning_memory', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.use_cpu_allocator(kind)
+
+
 def load(impl: str, model_dir: str):
     if impl == 'ours':
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -75,7 +86,10 @@ def main():
     ap.add_argument('--threads', type=int, default=0)
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     ap.add_argument('--merge-lora', action='store_true', help='ours: fold LoRA into the weights first')
+    ap.add_argument('--cpu-allocator', choices=('default', 'lean'), default='default',
+                    help="malloc setting of train.cpu_allocator, applied to either implementation")
     args = ap.parse_args()
+    allocator_changed = set_cpu_allocator(args.cpu_allocator)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -140,7 +154,8 @@ def main():
         'gemm_peak_gflops_fp32': round(gemm_peak_gflops(), 1) if device.type == 'cpu' else None,
         'cuda_peak_gb': round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == 'cuda' else None,
         'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
-        'threads': torch.get_num_threads(), 'model_dir': args.model_dir, 'merge_lora': args.merge_lora}))
+        'threads': torch.get_num_threads(), 'model_dir': args.model_dir, 'merge_lora': args.merge_lora,
+        'cpu_allocator': args.cpu_allocator if allocator_changed or args.cpu_allocator == 'default' else 'unchanged'}))
 
 
 if __name__ == '__main__':

@@ -30,6 +30,7 @@ from ..model import VisionEfficientTuningModel
 from .defaults import add_warmup, apply_defaults
 from .distributed import DataParallelHook
 from .export import export_output, output_configuration, write_card
+from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
@@ -99,6 +100,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         default_schedule = cfg.safe_get('train.lr_scheduler') is None
         cfg = apply_defaults(cfg)
         cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
+        # before the model and data are built, so that their memory already follows the setting
+        self.cpu_allocator_changed = use_cpu_allocator(cfg.safe_get('train.cpu_allocator') or 'default')
         if default_schedule:  # our cosine schedule warms up over the first tenth of the epochs (>= 1)
             add_warmup(cfg)
         hooks = [h.get('type') for h in (cfg.safe_get('train.hooks') or [])]
