@@ -16,6 +16,7 @@ from modelscope.models.base import TorchModel
 from .backbone_config import build_backbone, enable_bypass, split_backbone_config
 from .checkpoint.hub_layout import CHECKPOINT_FILE, from_builtin_names, read_checkpoint, write_checkpoint
 from .head import ClassifierHead
+from .registration import register_class
 from .tuners import Adapter, Prefix, Prompt, bitfit_parameter_names, is_tuner_parameter
 from .tuners.spec import TunerSpec
 
@@ -251,3 +252,6 @@ class VisionEfficientTuningModel(TorchModel):
         path = os.path.join(folder, CHECKPOINT_FILE)
         write_checkpoint(path, self.backbone.state_dict(), self.head.state_dict(), self.CLASSES, sequential)
         return path
+
+
+register_class(VisionEfficientTuningModel)

@@ -22,6 +22,7 @@ from modelscope.utils.logger import get_logger
 
 from .preprocessing.image_io import ImageInputError
 from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
+from .registration import register_class
 
 logger = get_logger()
 
@@ -180,3 +181,6 @@ class VisionEfficientTuningPipeline(Pipeline):
                 self._check_output(result)
                 results.append(result)
         return results
+
+
+register_class(VisionEfficientTuningPipeline)

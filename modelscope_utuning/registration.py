@@ -1,47 +1,76 @@
 """The one place where modelscope-utuning plugs into ModelScope.
 
-Registers our model, preprocessor, pipeline and trainer under the ``vision-efficient-tuning`` names, and points
-ModelScope's lazy-import index at our modules for those names. Without the second step ModelScope would import
-its built-in module before every build (and fail where torchvision / opencv are missing, or re-register the
-built-in over ours). Other models' registrations are not touched.
+Our model, preprocessor, pipeline, trainer and top-5 metric take ModelScope's ``vision-efficient-tuning`` names.
+Importing the package only points ModelScope's lazy-import index at our modules for those names (and registers
+the model, which the package exports); ModelScope's builders then import the module they need when they build
+it, and the module registers its class as it loads. So ``import modelscope_utuning`` costs what the model costs,
+not the pipeline and trainer stacks (about 0.1 GB of resident memory), and ModelScope never imports its built-in
+module for these names (which fails where torchvision / opencv are missing, or re-registers the built-in over
+ours). Other models' registrations are not touched. :func:`register` does all of it eagerly.
 """
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 from modelscope.metainfo import Models, Pipelines, Trainers
-from modelscope.metrics.builder import METRICS
-from modelscope.models.builder import MODELS
-from modelscope.pipelines.builder import PIPELINES
-from modelscope.preprocessors.builder import PREPROCESSORS
-from modelscope.trainers.builder import TRAINERS
 from modelscope.utils.ast_utils import INDEX_KEY, MODULE_KEY, REQUIREMENT_KEY
 from modelscope.utils.constant import Fields, Tasks
 from modelscope.utils.import_utils import LazyImportModule
 
 TASK = Tasks.vision_efficient_tuning
 PREPROCESSOR_NAME = 'vision-efficient-tuning-preprocessor'
+TOPK_METRIC = 'vision-efficient-tuning-top5'
+
+_REGISTRIES = {  # registry name -> (module, attribute)
+    'models': ('modelscope.models.builder', 'MODELS'),
+    'pipelines': ('modelscope.pipelines.builder', 'PIPELINES'),
+    'preprocessors': ('modelscope.preprocessors.builder', 'PREPROCESSORS'),
+    'trainers': ('modelscope.trainers.builder', 'TRAINERS'),
+    'metrics': ('modelscope.metrics.builder', 'METRICS'),
+}
+# (registry, group, registered name, our module, our class)
+ENTRIES = (
+    ('models', TASK, Models.vision_efficient_tuning, 'modelscope_utuning.model', 'VisionEfficientTuningModel'),
+    ('pipelines', TASK, Pipelines.vision_efficient_tuning, 'modelscope_utuning.pipeline',
+     'VisionEfficientTuningPipeline'),
+    ('preprocessors', Fields.cv, PREPROCESSOR_NAME, 'modelscope_utuning.preprocessing.preprocessor',
+     'VisionEfficientTuningPreprocessor'),
+    ('trainers', 'default', Trainers.vision_efficient_tuning, 'modelscope_utuning.training.trainer',
+     'VisionEfficientTuningTrainer'),
+    ('metrics', 'default', TOPK_METRIC, 'modelscope_utuning.training.metrics', 'TopKAccuracy'),
+)
 
 
-def _entries():
-    from .model import VisionEfficientTuningModel
-    from .pipeline import VisionEfficientTuningPipeline
-    from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
-    from .training.metrics import TOPK_METRIC, TopKAccuracy
-    from .training.trainer import VisionEfficientTuningTrainer
-    return [
-        (MODELS, TASK, Models.vision_efficient_tuning, VisionEfficientTuningModel),
-        (PIPELINES, TASK, Pipelines.vision_efficient_tuning, VisionEfficientTuningPipeline),
-        (PREPROCESSORS, Fields.cv, PREPROCESSOR_NAME, VisionEfficientTuningPreprocessor),
-        (TRAINERS, 'default', Trainers.vision_efficient_tuning, VisionEfficientTuningTrainer),
-        (METRICS, 'default', TOPK_METRIC, TopKAccuracy),
-    ]
+def _module_file(module: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), *module.split('.')[1:]) + '.py'
+
+
+def point_index_at_our_modules() -> None:
+    index = LazyImportModule.get_ast_index()
+    for registry, group, name, module, _ in ENTRIES:
+        index[INDEX_KEY][(registry.upper(), group, name)] = {
+            'filepath': _module_file(module), 'imports': [], MODULE_KEY: module}
+        index[REQUIREMENT_KEY].pop(module, None)  # our modules need no torchvision / opencv
+
+
+def register_class(cls: type) -> type:
+    """Put one of our classes into its ModelScope registry (called by each module as it loads)."""
+    for registry, group, name, module, qualname in ENTRIES:
+        if cls.__module__ == module and cls.__name__ == qualname:
+            registry_module, attribute = _REGISTRIES[registry]
+            getattr(importlib.import_module(registry_module), attribute).register_module(
+                group, module_name=name, module_cls=cls, force=True)
+            return cls
+    raise ValueError(f'{cls.__module__}.{cls.__name__} is not one of the classes modelscope-utuning registers')
 
 
 def _local_paths_skip_hub_lookup() -> None:
     """ModelScope's builders ask the hub whether a model comes from a trusted publisher, for local folders too;
     offline that stalls for seconds with retries, and a local folder is untrusted by ModelScope's own rule
-    (its answer is always False). Answer False for existing local paths without the lookup; hub ids unchanged."""
-    import os
-    import sys
+    (its answer is always False). Answer False for existing local paths without the lookup; hub ids unchanged.
+    Modules that import the function later get this version; those already loaded are patched in place."""
     from modelscope.utils import automodel_utils
     original = automodel_utils.is_model_from_trusted_source
     if getattr(original, '_utuning_local_first', False):
@@ -53,24 +82,21 @@ def _local_paths_skip_hub_lookup() -> None:
         return original(model_id, revision, trusted_owners)
 
     is_model_from_trusted_source._utuning_local_first = True
-    for name in ('modelscope.utils.automodel_utils', 'modelscope.pipelines.builder', 'modelscope.trainers.builder',
-                 'modelscope.models.base.base_model'):
+    automodel_utils.is_model_from_trusted_source = is_model_from_trusted_source
+    for name in ('modelscope.pipelines.builder', 'modelscope.trainers.builder', 'modelscope.models.base.base_model'):
         module = sys.modules.get(name)
-        if module is None:
-            module = __import__(name, fromlist=['_'])
-        if hasattr(module, 'is_model_from_trusted_source'):
+        if module is not None and getattr(module, 'is_model_from_trusted_source', None) is original:
             module.is_model_from_trusted_source = is_model_from_trusted_source
 
 
 def register() -> None:
-    """Idempotent: safe to call again (e.g. after another package re-registered the built-in)."""
-    index = LazyImportModule.get_ast_index()
-    for registry, group, name, cls in _entries():
-        registry.register_module(group, module_name=name, module_cls=cls, force=True)
-        signature = (registry.name.upper(), group, name)
-        index[INDEX_KEY][signature] = {'filepath': __file__, 'imports': [], MODULE_KEY: cls.__module__}
-        index[REQUIREMENT_KEY].pop(cls.__module__, None)
+    """Everything at once, idempotent: safe to call again (e.g. after another package re-registered the
+    built-in under these names)."""
+    point_index_at_our_modules()
     _local_paths_skip_hub_lookup()
+    for _, _, _, module, qualname in ENTRIES:
+        register_class(getattr(importlib.import_module(module), qualname))
 
 
-register()
+point_index_at_our_modules()
+_local_paths_skip_hub_lookup()

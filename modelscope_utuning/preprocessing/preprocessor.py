@@ -30,6 +30,7 @@ from modelscope.utils.constant import ModeKeys
 from modelscope.utils.logger import get_logger
 
 from ..fileio import read_json_object
+from ..registration import register_class
 from .image_io import IMAGE_KEYS, ImageInputError, describe, load_image
 from .transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, build_modelscope_list, eval_transform,
                          interpolation_of, train_transform)
@@ -239,3 +240,6 @@ def _to_label(value: Any, key: str) -> torch.Tensor:
         shown = repr(value) if isinstance(value, (numbers.Number, str)) else describe(value)
         raise ValueError(f'row[{key!r}]={shown}: expected a non-negative integer class index')
     return torch.tensor(int(v), dtype=torch.long)
+
+
+register_class(VisionEfficientTuningPreprocessor)

@@ -5,7 +5,9 @@ from typing import Dict
 
 from modelscope.metrics.base import Metric
 
-TOPK_METRIC = 'vision-efficient-tuning-top5'
+from ..registration import TOPK_METRIC, register_class
+
+__all__ = ['TOPK_METRIC', 'TopKAccuracy']
 
 
 class TopKAccuracy(Metric):
@@ -34,3 +36,6 @@ class TopKAccuracy(Metric):
 
     def __setstate__(self, state):
         self.k, self.hits, self.count = state
+
+
+register_class(TopKAccuracy)

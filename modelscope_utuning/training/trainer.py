@@ -27,6 +27,7 @@ from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
 from ..model import VisionEfficientTuningModel
+from ..registration import register_class
 from .defaults import add_warmup, apply_defaults
 from .distributed import DataParallelHook
 from .export import export_output, output_configuration, write_card
@@ -244,3 +245,6 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     @property
     def _log_json(self) -> str:
         return os.path.join(self.work_dir, f'{self.timestamp}.log.json')
+
+
+register_class(VisionEfficientTuningTrainer)

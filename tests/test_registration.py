@@ -1,0 +1,38 @@
+"""Registration: importing the package loads only the model side; ModelScope's builders load the rest on demand,
+always our classes, never the built-in module. Runs in a fresh interpreter (the test session imports everything)."""
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import sys
+    import modelscope_utuning
+    from modelscope_utuning.registration import ENTRIES
+
+    lazy = ['modelscope_utuning.pipeline', 'modelscope_utuning.training.trainer', 'modelscope_utuning.training.metrics',
+            'modelscope_utuning.preprocessing.preprocessor', 'modelscope.pipelines.builder', 'modelscope.trainers.builder']
+    print('loaded after import:', [m for m in lazy if m in sys.modules])
+
+    from modelscope.metrics.builder import build_metric
+    print('metric:', type(build_metric('vision-efficient-tuning-top5')).__module__)
+
+    import importlib
+    from modelscope.utils.import_utils import LazyImportModule
+    for registry, group, name, module, qualname in ENTRIES:
+        LazyImportModule.import_module((registry.upper(), group, name))  # what build_from_cfg does first
+        builder = importlib.import_module('modelscope.%s.builder' % registry)
+        cls = getattr(builder, registry.upper()).get(name, group_key=group)
+        print('built:', registry, cls.__module__ + '.' + cls.__name__ == module + '.' + qualname)
+    print('builtin imported:', any('cv.vision_efficient_tuning' in m for m in sys.modules))
+''')
+
+
+def test_import_is_light_and_builders_load_our_classes():
+    out = subprocess.run([sys.executable, '-c', SCRIPT], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if ':' in line]
+    assert lines[0] == 'loaded after import: []'
+    assert lines[1] == 'metric: modelscope_utuning.training.metrics'
+    built = [line for line in lines if line.startswith('built:')]
+    assert built == [f'built: {r} True' for r in ('models', 'pipelines', 'preprocessors', 'trainers', 'metrics')]
+    assert lines[-1] == 'builtin imported: False'
