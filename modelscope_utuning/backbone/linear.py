@@ -1,8 +1,8 @@
 """The frozen backbone's linear layers, ``y = x W^T + b``, with a faster fp32 CPU forward.
 
 PyTorch's default fp32 CPU GEMM (MKL) is slower than oneDNN's on AMD CPUs: for ViT-B/16 shapes on this project's
-reference machine (2-core AMD EPYC, AVX2) ``x W^T`` reached ~95 GFLOP/s through ``addmm`` and ~120 GFLOP/s through
-oneDNN (``benchmarks/README.md``). A frozen weight needs no weight gradient, only the input gradient
+reference machine (2-core AMD EPYC, AVX2) ``x W^T`` ran at 92-105 GFLOP/s through ``addmm`` and 93-129 GFLOP/s
+through oneDNN (``benchmarks/gemm_backends.py``). A frozen weight needs no weight gradient, only the input gradient
 ``dL/dx = dL/dy W``, for which the default ``mm`` (``W`` already row-major) is as fast as oneDNN or faster. So
 :func:`linear` runs the forward through oneDNN and the backward through ``mm``, and saves nothing for backward but
 the weight itself (the input is not needed when ``W`` is frozen).
