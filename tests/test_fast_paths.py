@@ -52,6 +52,24 @@ def trainable_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_logits_and_grads(model, reference_logits_fn):
+    """model.model(x) (the fast path) against reference_logits_fn(x): logits and every trainable gradient.
+    Returns the gradient names."""
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    logits = model.model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    fast = trainable_grads(model)
+    model.zero_grad()
+    ref_logits = reference_logits_fn(x)
+    torch.nn.functional.cross_entropy(ref_logits, y).backward()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    ref = trainable_grads(model)
+    assert fast.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    return set(ref)
+
+
 @pytest.mark.parametrize('pool', ['token', 'avg'])
 def test_skipped_rows_change_neither_outputs_nor_gradients(pool):
     """forward() finishes only the rows pooling reads (class token in the last block; VPT prompt rows about to
@@ -60,21 +78,12 @@ def test_skipped_rows_change_neither_outputs_nor_gradients(pool):
     randomize_tuners_(model)
     model.train()  # dropout rates are 0: train mode is deterministic here
     vit = model.backbone
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
-    logits = model.model(x)
-    torch.nn.functional.cross_entropy(logits, y).backward()
-    fast = trainable_grads(model)
-    model.zero_grad()
-    ref_tokens = all_rows_reference(vit, x)
-    ref_logits = model.model.head(vit.forward_head(ref_tokens))
-    torch.nn.functional.cross_entropy(ref_logits, y).backward()
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    ref = trainable_grads(model)
-    assert fast.keys() == ref.keys() and any(k.endswith('block_prompt.tokens') for k in fast)
-    for name in ref:
-        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    names = assert_same_logits_and_grads(
+        model, lambda x: model.model.head(vit.forward_head(all_rows_reference(vit, x))))
+    assert any(k.endswith('block_prompt.tokens') for k in names)
+    x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():  # forward_features keeps every output row, prompts of the last layer included
-        torch.testing.assert_close(vit.forward_features(x), ref_tokens, atol=1e-5, rtol=0)
+        torch.testing.assert_close(vit.forward_features(x), all_rows_reference(vit, x), atol=1e-5, rtol=0)
 
 
 def test_class_token_pooling_saves_less_for_backward():
@@ -101,18 +110,8 @@ def test_bypass_class_row_only_matches_all_rows():
     """Under class-token pooling the bypass side path runs its tuners on the class row alone."""
     model = tiny(bypass=True)
     randomize_tuners_(model)
-    vit = model.backbone
-    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
-    logits = model.model(x)
-    torch.nn.functional.cross_entropy(logits, y).backward()
-    fast = trainable_grads(model)
-    model.zero_grad()
-    ref_logits = model.model.head(vit.forward_head(vit.forward_features(x)))  # all rows, then pool
-    torch.nn.functional.cross_entropy(ref_logits, y).backward()
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    ref = trainable_grads(model)
-    for name in ref:
-        torch.testing.assert_close(fast[name], ref[name], atol=1e-5, rtol=1e-4, msg=name)
+    vit = model.backbone  # the reference: all rows, then pool
+    assert_same_logits_and_grads(model, lambda x: model.model.head(vit.forward_head(vit.forward_features(x))))
 
 
 def test_bypass_gradients_reach_only_tuners_and_head():
