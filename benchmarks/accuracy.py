@@ -126,23 +126,17 @@ def write_split(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, roo
 # -- configuration -----------------------------------------------------------------------------------------------
 def base_configuration(weights: str, img_size: int) -> Dict[str, Any]:
     """configuration.json of the model directory (no weights beside it): DINOv2 ViT-S/14, fresh 10-class head."""
-    return {
-        'framework': 'pytorch',
-        'task': 'vision-efficient-tuning',
-        'pipeline': {'type': 'vision-efficient-tuning'},
-        'model': {
-            'type': 'vision-efficient-tuning',
-            'backbone': dict(BACKBONE, img_size=img_size, pretrained_weights=os.path.abspath(weights)),
-            'head': {'num_classes': len(CLASS_NAMES)},
-        },
+    from modelscope_utuning.training.defaults import model_configuration
+    return model_configuration(
+        backbone=dict(BACKBONE, img_size=img_size, pretrained_weights=os.path.abspath(weights)),
+        head={'num_classes': len(CLASS_NAMES)},
         # 28-px images straight to img_size: eval resize to img_size then a center crop of img_size (no
         # 256-style resize-then-crop that would cut the garment's edges); mild random crops and flips to train.
         # Normalisation: ImageNet statistics (the package default), which DINOv2 was trained with.
-        'preprocessor': {'type': 'vision-efficient-tuning-preprocessor', 'img_size': img_size,
-                         'interpolation': 'bilinear',
-                         'val': {'resize': img_size},
-                         'train': {'scale': [0.75, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}},
-    }
+        preprocessor={'type': 'vision-efficient-tuning-preprocessor', 'img_size': img_size,
+                      'interpolation': 'bilinear',
+                      'val': {'resize': img_size},
+                      'train': {'scale': [0.75, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}})
 
 
 def make_cfg_modify_fn(method: str, s: argparse.Namespace) -> Callable:

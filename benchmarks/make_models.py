@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from modelscope_utuning.model import VisionEfficientTuningModel  # noqa: E402
+from modelscope_utuning.training.defaults import model_configuration  # noqa: E402
 
 VIT_B16 = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, num_classes=0)
 TRI = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 10},
@@ -38,9 +39,7 @@ def main(root):
             if p.requires_grad:  # tuners start silent; give them values so they cost what they cost
                 p.data.normal_(0, 0.02)
         model.save_hub_checkpoint(folder)
-        cfg = {'framework': 'pytorch', 'task': 'vision-efficient-tuning', 'pipeline': {'type': 'vision-efficient-tuning'},
-               'model': {'type': 'vision-efficient-tuning', 'backbone': backbone,
-                         'head': {'type': 'ClassifierHead', 'dim': 768, 'num_classes': 100}}}
+        cfg = model_configuration(backbone, {'type': 'ClassifierHead', 'dim': 768, 'num_classes': 100})
         with open(os.path.join(folder, 'configuration.json'), 'w') as f:
             json.dump(cfg, f, indent=2)
         print('wrote', folder)

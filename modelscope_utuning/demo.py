@@ -112,25 +112,17 @@ def write_image_folder(arrays: Dict[str, np.ndarray], split: str, per_class: int
 # -- configuration -----------------------------------------------------------------------------------------------
 def base_configuration(s: DemoSettings) -> Dict:
     """configuration.json of the untrained tiny ViT (no pytorch_model.pt beside it), set up for full fine-tuning."""
-    return {
-        'framework': 'pytorch',
-        'task': 'vision-efficient-tuning',
-        'pipeline': {'type': 'vision-efficient-tuning'},
-        'model': {
-            'type': 'vision-efficient-tuning',
-            'backbone': {'img_size': s.img_size, 'patch_size': s.patch_size, 'embed_dim': s.embed_dim,
-                         'depth': s.depth, 'num_heads': s.num_heads, 'global_pool': s.global_pool,
-                         'tuners': []},
-            'head': {'num_classes': len(PRETRAIN_CLASSES)},
-            # Full fine-tuning: every backbone parameter trainable ('' matches every name).
-            'freeze_cfg': {'train_part': {'backbone': ['']}},
-        },
+    from .training.defaults import model_configuration
+    cfg = model_configuration(
+        backbone={'img_size': s.img_size, 'patch_size': s.patch_size, 'embed_dim': s.embed_dim, 'depth': s.depth,
+                  'num_heads': s.num_heads, 'global_pool': s.global_pool, 'tuners': []},
+        head={'num_classes': len(PRETRAIN_CLASSES)},
         # 28-px images: the eval transform keeps the whole image (crop_pct 1: resize to img_size, no 256-style
         # resize then crop); training adds mild random crops and flips.
-        'preprocessor': {'type': 'vision-efficient-tuning-preprocessor', 'img_size': s.img_size, 'crop_pct': 1.0,
-                         'mean': MEAN, 'std': STD,
-                         'train': {'scale': [0.8, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}},
-        'train': {
+        preprocessor={'type': 'vision-efficient-tuning-preprocessor', 'img_size': s.img_size, 'crop_pct': 1.0,
+                      'mean': MEAN, 'std': STD,
+                      'train': {'scale': [0.8, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}},
+        train={
             'max_epochs': s.pretrain_epochs,
             'dataloader': {'batch_size_per_gpu': s.batch_size, 'workers_per_gpu': 0},
             'optimizer': {'type': 'AdamW', 'lr': s.pretrain_lr, 'weight_decay': 0.05},
@@ -138,9 +130,11 @@ def base_configuration(s: DemoSettings) -> Dict:
             'logging': {'interval': 10},
             'checkpoint': {'period': {'interval': s.pretrain_epochs}},  # one epoch_N.pth, at the end
         },
-        'evaluation': {'dataloader': {'batch_size_per_gpu': 100, 'workers_per_gpu': 0, 'shuffle': False},
-                       'metrics': ['accuracy']},
-    }
+        evaluation={'dataloader': {'batch_size_per_gpu': 100, 'workers_per_gpu': 0, 'shuffle': False},
+                    'metrics': ['accuracy']})
+    # Full fine-tuning: every backbone parameter trainable ('' matches every name).
+    cfg['model']['freeze_cfg'] = {'train_part': {'backbone': ['']}}
+    return cfg
 
 
 def make_cfg_modify_fn(s: DemoSettings, tuners: List[Dict]) -> Callable:

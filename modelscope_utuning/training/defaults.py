@@ -2,6 +2,7 @@
 that the seed's ``cfg.train.lr_scheduler.T_max = ...`` always has something to edit."""
 from __future__ import annotations
 
+from modelscope.metainfo import Models
 from modelscope.utils.config import Config, ConfigDict
 
 DEFAULTS = {
@@ -20,6 +21,13 @@ DEFAULTS = {
         'metrics': ['accuracy'],
     },
 }
+
+
+def model_configuration(backbone: dict, head: dict, **sections) -> dict:
+    """A configuration.json for our model: framework, task, pipeline and the model's backbone / head, plus any
+    further top-level sections given (``preprocessor``, ``train``, ``evaluation`` ...)."""
+    return {'framework': 'pytorch', 'task': DEFAULTS['task'], 'pipeline': dict(DEFAULTS['pipeline']),
+            'model': {'type': Models.vision_efficient_tuning, 'backbone': backbone, 'head': head}, **sections}
 
 
 def _fill(cfg: ConfigDict, defaults: dict) -> None:
