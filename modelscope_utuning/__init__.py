@@ -6,7 +6,14 @@ Importing the package gives our model, preprocessor, pipeline, trainer and metri
 """
 __version__ = '0.1.0'
 
-from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)
-from .model import VisionEfficientTuningModel  # noqa: E402
+try:
+    from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)
+    from .model import VisionEfficientTuningModel  # noqa: E402
+except ImportError as error:  # a ModelScope release that cannot import here: say what to do (compat.py, 5.)
+    from .compat import explain_import_error
+    explained = explain_import_error(error)
+    if explained is None:
+        raise
+    raise explained from error
 
 __all__ = ['VisionEfficientTuningModel', '__version__']

@@ -7,17 +7,20 @@ it, and the module registers its class as it loads. So ``import modelscope_utuni
 not the pipeline and trainer stacks (about 0.1 GB of resident memory), and ModelScope never imports its built-in
 module for these names (which fails where torchvision / opencv are missing, or re-registers the built-in over
 ours). Other models' registrations are not touched. :func:`register` does all of it eagerly.
+
+Workarounds for differences between ModelScope releases live in :mod:`modelscope_utuning.compat`.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 from modelscope.metainfo import Models, Pipelines, Trainers
 from modelscope.utils.ast_utils import INDEX_KEY, MODULE_KEY, REQUIREMENT_KEY
 from modelscope.utils.constant import Fields, Tasks
 from modelscope.utils.import_utils import LazyImportModule
+
+from .compat import guard_trusted_source_lookup
 
 TASK = Tasks.vision_efficient_tuning
 PREPROCESSOR_NAME = 'vision-efficient-tuning-preprocessor'
@@ -66,37 +69,14 @@ def register_class(cls: type) -> type:
     raise ValueError(f'{cls.__module__}.{cls.__name__} is not one of the classes modelscope-utuning registers')
 
 
-def _local_paths_skip_hub_lookup() -> None:
-    """ModelScope's builders ask the hub whether a model comes from a trusted publisher, for local folders too;
-    offline that stalls for seconds with retries, and a local folder is untrusted by ModelScope's own rule
-    (its answer is always False). Answer False for existing local paths without the lookup; hub ids unchanged.
-    Modules that import the function later get this version; those already loaded are patched in place."""
-    from modelscope.utils import automodel_utils
-    original = automodel_utils.is_model_from_trusted_source
-    if getattr(original, '_utuning_local_first', False):
-        return
-
-    def is_model_from_trusted_source(model_id, revision=None, trusted_owners=None):
-        if isinstance(model_id, (str, os.PathLike)) and os.path.exists(model_id):
-            return False
-        return original(model_id, revision, trusted_owners)
-
-    is_model_from_trusted_source._utuning_local_first = True
-    automodel_utils.is_model_from_trusted_source = is_model_from_trusted_source
-    for name in ('modelscope.pipelines.builder', 'modelscope.trainers.builder', 'modelscope.models.base.base_model'):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, 'is_model_from_trusted_source', None) is original:
-            module.is_model_from_trusted_source = is_model_from_trusted_source
-
-
 def register() -> None:
     """Everything at once, idempotent: safe to call again (e.g. after another package re-registered the
     built-in under these names)."""
     point_index_at_our_modules()
-    _local_paths_skip_hub_lookup()
+    guard_trusted_source_lookup()
     for _, _, _, module, qualname in ENTRIES:
         register_class(getattr(importlib.import_module(module), qualname))
 
 
 point_index_at_our_modules()
-_local_paths_skip_hub_lookup()
+guard_trusted_source_lookup()  # local folders of ours skip the hub lookup (compat.py, 1.)

@@ -26,6 +26,7 @@ from modelscope.utils.constant import ModeKeys, ModelFile, TrainerStages
 from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
+from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
 from .defaults import add_warmup, apply_defaults
@@ -129,7 +130,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     # -- model, data -------------------------------------------------------------------------------------------
     def build_model(self):
-        model = Model.from_pretrained(self.model_dir, cfg_dict=self.cfg, trust_remote_code=self.trust_remote_code)
+        model = Model.from_pretrained(self.model_dir, cfg_dict=self.cfg,
+                                      **from_pretrained_trust_kwargs(trainer_trust_remote_code(self)))
         if not isinstance(model, VisionEfficientTuningModel):
             raise TypeError(f'{self.model_dir}: configuration.json builds {type(model).__name__}, '
                             'expected a vision-efficient-tuning model')
@@ -167,6 +169,10 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             g.pop('names')
         from modelscope.trainers.optimizer.builder import build_optimizer
         return build_optimizer(groups, cfg=cfg, default_args=default_args)  # parameter groups, not the module
+
+    def create_optimizer_and_scheduler(self):
+        optimizer, lr_scheduler, optim_options, lr_options = super().create_optimizer_and_scheduler()
+        return optimizer, lr_scheduler, optim_options, warmup_options(lr_options)  # compat.py, 4.
 
     def train_step(self, model, inputs):
         """Forward under the chosen precision; the loss is logged averaged over ranks on any device (the base
