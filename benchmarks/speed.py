@@ -95,7 +95,7 @@ def main():
     torch.manual_seed(0)
     model = load(args.impl, args.model_dir)
     if args.merge_lora:
-        from modelscope_utuning.checkpoint.merge import merge_lora
+        from modelscope_utuning.model import merge_lora
         model = merge_lora(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     device = torch.device(args.device)

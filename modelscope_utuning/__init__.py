@@ -8,7 +8,9 @@ __version__ = '0.1.0'
 
 try:
     from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)
-    from .model import VisionEfficientTuningModel  # noqa: E402
+    from .model import (VisionEfficientTuningModel, has_lora, load_tuners, merge_lora,  # noqa: E402
+                        model_from_tuners, save_tuners)
+    from .network import VisionEfficientTuning  # noqa: E402
 except ImportError as error:  # a ModelScope release that cannot import here: say what to do (compat.py, 5.)
     from .compat import explain_import_error
     explained = explain_import_error(error)
@@ -16,4 +18,5 @@ except ImportError as error:  # a ModelScope release that cannot import here: sa
         raise
     raise explained from error
 
-__all__ = ['VisionEfficientTuningModel', '__version__']
+__all__ = ['VisionEfficientTuning', 'VisionEfficientTuningModel', '__version__', 'has_lora', 'load_tuners',
+           'merge_lora', 'model_from_tuners', 'save_tuners']

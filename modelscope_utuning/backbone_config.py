@@ -1,7 +1,8 @@
-"""Turn ``model.backbone`` of configuration.json into VisionTransformer arguments and tuner specs.
+"""Turn ``model.backbone`` of configuration.json into VisionTransformer arguments, tuner entries and our options.
 
-Accepts our keys and the built-in's legacy ones; ``type`` (e.g. "VitB16_Adapter") is informational. Unknown
-keys are an error that names them, so a typo never silently changes the architecture.
+Accepts our keys and the built-in's legacy ones (each answered by the tuner kind that declares it); ``type``
+(e.g. "VitB16_Adapter") is informational. Unknown keys are an error that names them, so a typo never silently
+changes the architecture.
 """
 from __future__ import annotations
 
@@ -9,42 +10,54 @@ import inspect
 from typing import Any, Dict, List, Tuple
 
 from .backbone.vit import VisionTransformer
-from .tuners.spec import LEGACY_INFO_KEYS, LEGACY_KEYS, TunerSpec, legacy_entries, parse_tuners
+from .tuners.base import legacy_keys
+from .tuners.spec import legacy_entries
 
 VIT_ARGS = tuple(p for p in inspect.signature(VisionTransformer.__init__).parameters if p != 'self')
 # Built-in arguments that only choose its code paths; our backbone has one code path for each.
-IGNORED_LEGACY_ARGS = ('type', 'weight_init', 'embed_layer', 'norm_layer', 'act_layer', 'block_fn',
-                       'sidetune_type') + LEGACY_INFO_KEYS
+IGNORED_LEGACY_ARGS = ('type', 'weight_init', 'embed_layer', 'norm_layer', 'act_layer', 'block_fn')
 OUR_KEYS = ('tuners', 'pretrained_weights', 'bypass')
 
 
 def split_backbone_config(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dict[str, Any]], Dict[str, Any]]:
     """-> (VisionTransformer kwargs, tuner entries (explicit + legacy), our extra options)."""
     cfg = dict(cfg or {})
-    unknown = set(cfg) - set(VIT_ARGS) - set(IGNORED_LEGACY_ARGS) - set(LEGACY_KEYS) - set(OUR_KEYS)
+    legacy = legacy_keys()
+    unknown = set(cfg) - set(VIT_ARGS) - set(IGNORED_LEGACY_ARGS) - set(legacy) - set(OUR_KEYS)
     if unknown:
         raise ValueError(f'model.backbone: unknown key(s) {sorted(unknown)}; expected ViT arguments '
-                         f'{sorted(VIT_ARGS)}, "tuners", "pretrained_weights" or legacy '
-                         f'{sorted(LEGACY_KEYS + LEGACY_INFO_KEYS)}')
+                         f'{sorted(VIT_ARGS)}, "tuners", "pretrained_weights", "bypass" or legacy '
+                         f'{sorted(legacy)}')
     entries = list(cfg.get('tuners') or []) + legacy_entries(cfg)
     extras = {k: cfg[k] for k in OUR_KEYS if k in cfg and k != 'tuners'}
     vit_kwargs = {k: v for k, v in cfg.items() if k in VIT_ARGS}
     return vit_kwargs, entries, extras
 
 
+def base_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The backbone configuration without its tuners (explicit entries and legacy keys): the frozen base."""
+    legacy = set(legacy_keys())
+    return {k: v for k, v in (cfg or {}).items() if k != 'tuners' and k not in legacy and k != 'type'}
+
+
+def without_kinds(cfg: Dict[str, Any], kinds) -> Dict[str, Any]:
+    """The backbone configuration with every entry and legacy key of ``kinds`` removed (e.g. after merging)."""
+    from .tuners.base import tuner_kinds
+    kinds = set(kinds)
+    out = dict(cfg)
+    for kind, cls in tuner_kinds().items():
+        if kind in kinds:
+            for key in cls.legacy_keys:
+                out.pop(key, None)
+    if out.get('tuners'):
+        out['tuners'] = [e for e in out['tuners'] if not (isinstance(e, dict) and e.get('type') in kinds)]
+    return out
+
+
 def build_backbone(vit_kwargs: Dict[str, Any], entries: List[Dict[str, Any]]):
-    """-> (VisionTransformer with tuners attached, parsed specs)."""
-    from .tuners import apply_tuners
+    """A VisionTransformer with the block-level tuners of ``entries`` attached -> (vit, parsed specs)."""
+    from .tuners import attach_block_tuners, parse_tuners
     vit = VisionTransformer(**vit_kwargs)
-    specs: List[TunerSpec] = parse_tuners(entries, vit.depth, vit.embed_dim)
-    apply_tuners(vit, specs, act=vit_kwargs.get('act', 'gelu'))
+    specs = parse_tuners(entries, vit.depth, vit.embed_dim)
+    attach_block_tuners(vit, specs)
     return vit, specs
-
-
-def enable_bypass(vit, specs: List[TunerSpec]) -> None:
-    """Switch on the bypass path; only parallel adapter / prefix / prompt tuners can live on it."""
-    bad = [s.source for s in specs if not (s.type in ('adapter', 'prefix', 'prompt') and s.form == 'parallel')]
-    if bad or not specs:
-        raise ValueError('model.backbone.bypass needs parallel adapter / prefix / prompt tuners only '
-                         f'(they read detached backbone features); not supported: {bad or "no tuners"}')
-    vit.bypass = True

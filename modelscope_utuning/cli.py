@@ -218,7 +218,8 @@ def load_data(path: Optional[str], option: str, classes: Optional[List[str]] = N
 
 def model_classes(model_dir: str) -> Optional[List[str]]:
     """The class names a local model folder was trained with (tuner-only config, else the checkpoint)."""
-    adapter_cfg = os.path.join(model_dir, 'adapter_config.json')
+    from .checkpoint.tuner_only import CONFIG_FILE
+    adapter_cfg = os.path.join(model_dir, CONFIG_FILE)
     if os.path.isfile(adapter_cfg):
         try:
             with open(adapter_cfg, encoding='utf-8') as f:
@@ -458,17 +459,17 @@ def cmd_export(args) -> int:
     if not isinstance(model, VisionEfficientTuningModel):
         raise CLIError(f'{args.model!r} is not a vision-efficient-tuning model ({type(model).__name__})')
     if args.tuner_only:
-        from .checkpoint.tuner_only import save_tuners
+        from .model import save_tuners
         if args.base_weights:  # recorded, so that model_from_tuners(out) finds the frozen backbone
             model.backbone_config = dict(model.backbone_config or {},
                                          pretrained_weights=os.path.abspath(args.base_weights))
         paths = save_tuners(model, out)
-        n = sum(p.numel() for name, p in _tuner_tensors(model))
+        n = sum(p.numel() for p in model.model.tuner_state_dict().values())
         print(f'tuner-only export: {paths["weights"]} ({n:,} values) and {paths["config"]}')
-        print('reload: modelscope_utuning.checkpoint.tuner_only.model_from_tuners('
+        print('reload: modelscope_utuning.model_from_tuners('
               f'{out!r}, pretrained_weights=<the frozen backbone file>)')
         return 0
-    from .checkpoint.merge import has_lora, merge_lora
+    from .model import has_lora, merge_lora
     from .training.export import export_output
     if not has_lora(model):
         raise CLIError(f'{args.model!r} has no LoRA tuner to merge')
@@ -478,11 +479,6 @@ def cmd_export(args) -> int:
     export_output(model, cfg, out)
     print(f'merged LoRA into the backbone weights: {out} (a model folder for pipeline() / Model.from_pretrained)')
     return 0
-
-
-def _tuner_tensors(model):
-    from .checkpoint.tuner_only import tuner_state_dict
-    return list(tuner_state_dict(model).items())
 
 
 def cmd_push(args) -> int:

@@ -252,21 +252,23 @@ def test_legacy_backbone_head_and_config_keys():
 
 def test_attention_matches_explicit_softmax():
     m = vit()
-    attn = m.blocks[0].attn
+    blk = m.blocks[0]
+    attn = blk.attn
     h = torch.randn(2, N + 1, C)
     with torch.no_grad():
-        out, q = attn(h)
+        out, q = blk.attention(h)
         qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).view(2, N + 1, 3, 4, 8).permute(2, 0, 3, 1, 4)
         a = torch.softmax(qkv[0] @ qkv[1].transpose(-1, -2) / 8 ** 0.5, -1) @ qkv[2]
         want = F.linear(a.transpose(1, 2).reshape(2, N + 1, C), attn.proj.weight, attn.proj.bias)
         torch.testing.assert_close(out, want, atol=1e-6, rtol=0)
         # queries for the first 3 tokens only, every token still a key / value
-        out3, q3 = attn(h, n_query=3)
+        out3, q3 = blk.attention(h, 3)
         torch.testing.assert_close(out3, want[:, :3], atol=1e-6, rtol=0)
         torch.testing.assert_close(q3, qkv[0][:, :, :3])
         torch.testing.assert_close(q, qkv[0])
         torch.testing.assert_close(attn.project(h, 'k'), qkv[1])
         torch.testing.assert_close(attn.project(h, 'v'), qkv[2])
+        torch.testing.assert_close(attn(h), want, atol=1e-6, rtol=0)  # the plain module
     # the MLP with the default GELU
     mlp = m.blocks[0].mlp
     with torch.no_grad():

@@ -19,7 +19,7 @@ import torch
 import modelscope_utuning  # noqa: F401  (registration)
 from modelscope.models import Model
 from modelscope_utuning import VisionEfficientTuningModel
-from modelscope_utuning.checkpoint.hub_layout import CHECKPOINT_FILE, from_builtin_names
+from modelscope_utuning.checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'builtin')
 EXPECTED_CASES = ('plain', 'adapter', 'lora', 'prefix', 'prompt', 'utuning', 'bitfit', 'sidetune',
@@ -95,8 +95,8 @@ def test_scores_match_builtin(case, inputs):
 def _builtin_to_ours(name: str) -> str:
     part, rest = name.split('.', 1)
     assert part in ('backbone', 'head'), name
-    if part == 'backbone':
-        rest = next(iter(from_builtin_names({rest: None})))
+    if part == 'backbone':  # the network holds the side network beside its backbone
+        return next(iter(network_state_from_hub({'backbone_weight': {rest: None}})[0]))
     return f'{part}.{rest}'
 
 
@@ -107,9 +107,9 @@ def test_trainable_set_matches_builtin(case):
     ours = {n for n, p in model.model.named_parameters() if p.requires_grad}
     if want is None:
         # no freeze_cfg: the built-in trainer trains everything; ours follows the default policy
-        tuner_like = ('_adapter.', '_prefix.', '_prompt.', '_lora.', 'backbone.side.')
+        tuner_like = ('_adapter.', '_prefix.', '_prompt.', '_lora.')
         assert ours == {n for n, _ in model.model.named_parameters()
-                        if n.startswith('head.') or any(t in n for t in tuner_like)}
+                        if n.startswith(('head.', 'side.')) or any(t in n for t in tuner_like)}
         return
     assert ours == {_builtin_to_ours(n) for n in want}
 

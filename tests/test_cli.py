@@ -321,7 +321,7 @@ def test_train_a_preset_shrunk_by_overrides(tmp_path, images, capsys):
 
 # -- export -------------------------------------------------------------------------------------------------------
 def test_export_tuner_only_reloads_with_same_predictions(tri_dir, images, base_weights, tmp_path, capsys):
-    from modelscope_utuning.checkpoint.tuner_only import model_from_tuners
+    from modelscope_utuning.model import model_from_tuners
     out_dir = tmp_path / 'tuners'
     code, out, err = run(['export', tri_dir, out_dir, '--tuner-only', '--base-weights', base_weights], capsys)
     assert code == 0, err
@@ -338,7 +338,7 @@ def test_export_tuner_only_reloads_with_same_predictions(tri_dir, images, base_w
 
 
 def test_export_merged_lora_reloads_with_same_predictions(images, tmp_path, capsys):
-    from modelscope_utuning.checkpoint.merge import has_lora
+    from modelscope_utuning.model import has_lora
     src = make_model_dir(tmp_path / 'lora', LORA, seed=3)
     out_dir = tmp_path / 'merged'
     code, out, err = run(['export', src, out_dir, '--merge-lora'], capsys)

@@ -13,7 +13,7 @@ import torch
 from modelscope_utuning.backbone.vit import VisionTransformer
 from modelscope_utuning.checkpoint import converters as cv
 from modelscope_utuning.checkpoint.hub_layout import write_checkpoint
-from modelscope_utuning.tuners import apply_tuners, parse_tuners
+from modelscope_utuning.tuners import attach_block_tuners, parse_tuners
 
 TOL = 1e-4
 
@@ -301,7 +301,7 @@ def test_timm_head_and_mask_token_dropped(tmp_path):
 
 def with_tuners(vit, entries):
     specs = parse_tuners(entries, vit.depth, vit.embed_dim)
-    apply_tuners(vit, specs)
+    attach_block_tuners(vit, specs)
     return vit
 
 
@@ -310,8 +310,10 @@ def test_hub_layout_backbone_loads_and_tuners_start_fresh(tmp_path):
                {'type': 'prefix', 'op': 'mha', 'form': 'sequential', 'length': 3}]
     src = randomize_(with_tuners(tiny_vit(), entries), seed=7)
     path = str(tmp_path / 'pytorch_model.pt')
-    write_checkpoint(path, src.state_dict(), {'fc.weight': torch.zeros(3, 32), 'fc.bias': torch.zeros(3)},
-                     ['a', 'b', 'c'])
+    state = {f'backbone.{k}': v for k, v in src.state_dict().items()}
+    state.update({'head.fc.weight': torch.zeros(3, 32), 'head.fc.bias': torch.zeros(3)})
+    forms = {f'blocks.{b.index}.{n}': t.form for b in src.blocks for n, t in b.tuners()}
+    write_checkpoint(path, state, forms, ['a', 'b', 'c'])
     raw = torch.load(path, weights_only=True)
     assert any('adapter.ln1' in k for k in raw['backbone_weight'])  # the built-in's names on disk
     assert cv.detect_layout(raw['backbone_weight']) == 'hub'

@@ -8,10 +8,9 @@ import torch
 
 from modelscope_utuning.backbone.vit import VisionTransformer
 from modelscope_utuning.checkpoint import tuner_only
-from modelscope_utuning.checkpoint.merge import has_lora, merge_lora
-from modelscope_utuning.checkpoint.tuner_only import (CONFIG_FILE, WEIGHTS_FILE, load_tuners, model_from_tuners,
-                                                      save_tuners)
-from modelscope_utuning.model import VisionEfficientTuningModel
+from modelscope_utuning.checkpoint.tuner_only import CONFIG_FILE, WEIGHTS_FILE
+from modelscope_utuning.model import (VisionEfficientTuningModel, has_lora, load_tuners, merge_lora,
+                                      model_from_tuners, save_tuners)
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 TRI_TUNER = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4},
@@ -82,7 +81,8 @@ def test_tuner_only_roundtrip(base_weights, tmp_path, tuners, legacy):
     assert sum(v.numel() for v in saved.values()) == a.trainable_parameters()[0]
 
     cfg = json.load(open(paths['config']))
-    assert cfg['format_version'] == 1 and cfg['CLASSES'] == ['cat', 'dog', 'fox']
+    assert cfg['format_version'] == 2 and cfg['CLASSES'] == ['cat', 'dog', 'fox']
+    assert cfg['backbone_fingerprint'] == a.model.backbone_fingerprint()
     assert cfg['head'] == {'num_classes': 3, 'dim': 32}
     assert cfg['base']['embed_dim'] == 32 and cfg['base']['pretrained_weights'] == base_weights
     assert not set(cfg['base']) & {'tuners', 'adapter_length', 'prompt_length', 'prefix_length', 'lora_length'}
@@ -187,7 +187,7 @@ def test_merge_lora_identical_outputs(base_weights, tuners, legacy):
     assert merge_lora(model) is model
     assert not has_lora(model)
     assert not any('lora' in k for k in model.state_dict())
-    assert all(not any('lora' in n for n in names) for b in model.backbone.blocks for names in b.op_tuners.values())
+    assert all(not any('lora' in n for n in b.hooks.names) for b in model.backbone.blocks)
     assert all(b.tuner(op, 'lora') is None for b in model.backbone.blocks for op in ('mha', 'ffn'))
     assert all(s.type != 'lora' for s in model.specs)
     assert 'lora_length' not in model.backbone_config
@@ -227,9 +227,9 @@ def test_merge_refused_where_outputs_would_change(base_weights):
 
 
 def test_merge_bare_backbone():
-    from modelscope_utuning.tuners import apply_tuners, parse_tuners
+    from modelscope_utuning.tuners import attach_block_tuners, parse_tuners
     vit = VisionTransformer(**VIT).eval()
-    apply_tuners(vit, parse_tuners([{'type': 'lora', 'op': 'ffn', 'rank': 2}], 2, 32))
+    attach_block_tuners(vit, parse_tuners([{'type': 'lora', 'op': 'ffn', 'rank': 2}], 2, 32))
     randomize_([p for n, p in vit.named_parameters() if 'lora' in n], seed=4)
     x = imgs()
     with torch.no_grad():

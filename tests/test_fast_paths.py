@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from modelscope_utuning.backbone.hooks import TokenState
 from modelscope_utuning.model import VisionEfficientTuningModel
 
 TRI = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 6},
@@ -38,13 +39,10 @@ EVERY_KIND = [  # original and parallel forms on every OP, incl. VPT-deep prompt
 
 def all_rows_reference(vit, images):
     """The backbone with every token finished in every block: no row skipped. -> (B, N, C) after the norm."""
-    x = vit.norm_pre(vit.pos_drop(vit._pos_embed(vit.patch_embed(images))))
-    n_prompt = 0
+    x = vit.embed(images)
+    state = TokenState()
     for blk in vit.blocks:
-        prompt = blk.tuner('block', 'prompt')
-        if prompt is not None:
-            x, n_prompt = prompt.insert(x, n_prompt)
-        x = blk(x)
+        x = blk(blk.edit_tokens(x, state))
     return vit.norm(x)
 
 
@@ -208,7 +206,7 @@ def test_bf16_training_step_matches_fp32_gradients():
 
 
 def test_merged_lora_runs_the_plain_path_with_the_same_outputs():
-    from modelscope_utuning.checkpoint.merge import merge_lora
+    from modelscope_utuning.model import merge_lora
     model = tiny([{'type': 'lora', 'op': 'mha', 'rank': 4}, {'type': 'lora', 'op': 'ffn', 'rank': 4}])
     randomize_tuners_(model)
     model.eval()

@@ -295,7 +295,7 @@ def test_not_fitting_checkpoint_one_error_listing_problems(tmp_path):
 def test_wrong_architecture_checkpoint(tmp_path):
     m = build()
     m.save_hub_checkpoint(str(tmp_path))
-    with pytest.raises(ValueError, match='missing backbone weights'):
+    with pytest.raises(ValueError, match='missing weights'):
         build(model_dir=str(tmp_path), backbone=backbone_cfg(depth=3))
     with pytest.raises(ValueError, match='shape'):
         build(model_dir=str(tmp_path), backbone=backbone_cfg(embed_dim=64), num_classes=K)

@@ -15,17 +15,15 @@ parallel form ``OP'(h) = OP(h) + s * U(h)``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import CHANGES_QUERY, OPS, HookTable, OpContext, TokenState
 from .linear import FrozenFastLinear, QKVLinear, linear
 from .pos_embed import resample_abs_pos_embed
-
-OPS = ('mha', 'ffn', 'block')
-
 
 class QuickGELU(nn.Module):
     """CLIP's activation: ``x * sigmoid(1.702 x)``."""
@@ -89,9 +87,9 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``.
 
-    ``q, k, v = split(W_qkv h + b)`` per head (B, H, N, d); ``Attn = softmax(q k^T / sqrt(d)) v``;
-    output ``W_o concat_h(Attn) + b_o``. Tuners may add a low-rank delta to ``q, k, v`` (LoRA) or extra keys
-    and values (sequential prefix); :meth:`project` lets parallel tuners borrow the frozen projections.
+    ``q, k, v = split(W_qkv h + b)`` per head (B, H, N, d); ``Attn = softmax(q k^T / sqrt(d)) v``; output
+    ``W_o concat_h(Attn) + b_o``. The block drives it step by step (:meth:`Block.attention`) so that tuners can
+    act between the steps; :meth:`project` lets parallel tuners borrow the frozen projections.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -119,32 +117,27 @@ class Attention(nn.Module):
         b = None if self.qkv.bias is None else self.qkv.bias[i * C:(i + 1) * C]
         return self.split_heads(linear(h, w, b))
 
-    def forward(self, h: torch.Tensor, qkv_delta: Optional[torch.Tensor] = None,
-                extra_kv: Optional[Sequence[torch.Tensor]] = None, n_query: Optional[int] = None):
-        """Returns ``(out (B, n, C), q (B, H, n, d))`` for the first ``n = n_query`` tokens (all by default).
-
-        Every token of ``h`` (B, N, C) is a key / value; only the first n are queries, so tokens whose outputs
-        are discarded (the last layer's non-class tokens under class-token pooling, VPT prompts about to be
-        replaced) cost just their key / value projection. q is reused by parallel tuners on the same OP.
-        """
-        B, N, C = h.shape
-        n = N if n_query is None else n_query
-        q, kv = self.qkv(h, n_query=n)
-        if qkv_delta is not None:
-            q = q + qkv_delta[:, :n, :C]
-            kv = kv + qkv_delta[..., C:]
+    def attend(self, q: torch.Tensor, kv: torch.Tensor,
+               extra_kv: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``q`` (B, n, C), ``kv`` (B, N, 2C) -> (attention output (B, n, C) before ``proj``, q (B, H, n, d)).
+        ``extra_kv``: further (k, v) pairs of shape (B, H, L, d) appended to the keys and values."""
+        B, n, C = q.shape
         q = self.split_heads(q)
-        k, v = kv.view(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if extra_kv is not None:
-            k = torch.cat((k, extra_kv[0]), dim=2)
-            v = torch.cat((v, extra_kv[1]), dim=2)
+        k, v = kv.view(B, kv.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if extra_kv:
+            k = torch.cat([k] + [e[0] for e in extra_kv], dim=2)
+            v = torch.cat([v] + [e[1] for e in extra_kv], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(B, n, C)
-        return self.proj_drop(self.proj(out)), q
+        return out.transpose(1, 2).reshape(B, n, C), q
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The plain frozen attention, ``(B, N, C) -> (B, N, C)``."""
+        q, kv = self.qkv(h)
+        return self.proj_drop(self.proj(self.attend(q, kv)[0]))
 
 
 class Mlp(nn.Module):
-    """``fc2(act(fc1 h))``; an optional ``lora`` hook adds low-rank deltas to fc1 / fc2 outputs."""
+    """``fc2(act(fc1 h))``."""
 
     def __init__(self, dim: int, hidden: int, act: str, drop: float = 0.0):
         super().__init__()
@@ -154,23 +147,20 @@ class Mlp(nn.Module):
         self.fc2 = FrozenFastLinear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, h: torch.Tensor, lora: Optional[nn.Module] = None) -> torch.Tensor:
-        z = self.fc1(h)
-        if lora is not None:
-            z = z + lora.delta_fc1(h)
-        z = self.drop1(self.act(z))
-        y = self.fc2(z)
-        if lora is not None:
-            y = y + lora.delta_fc2(z)
-        return self.drop2(y)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(h)))))
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block with tuner slots.
+    """Pre-norm Transformer block whose steps are hook points for tuners (see :mod:`.hooks`).
 
-    Tuners live as child modules named ``{op}_{type}`` (``mha_adapter``, ``ffn_lora``, ``block_prefix`` ...),
-    so checkpoints have stable, readable names. Evaluation order: sequential prompt (handled by the backbone,
-    it changes the sequence length) -> block OP { mha OP -> ffn OP } -> tuners on the block OP.
+    Tuners are child modules (named by whoever attaches them, e.g. ``mha_adapter``) registered at the hook points
+    they declare in ``tuner.points``; the block calls them there, in attachment order, and knows nothing else
+    about them. The three OPs::
+
+        mha(h)   = ls1(Attn(h))            with h = norm1(x)
+        ffn(h)   = ls2(MLP(h))             with h = norm2(y)
+        block(x) = the whole residual block
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -186,44 +176,103 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.op_tuners: Dict[str, List[str]] = {op: [] for op in OPS}  # names of output-combining tuners
+        self.hooks = HookTable()
 
-    # -- tuner management -------------------------------------------------------------------------------
-    def attach(self, op: str, kind: str, tuner: nn.Module) -> None:
-        name = f'{op}_{kind}'
-        if hasattr(self, name):
-            raise ValueError(f'layer {self.index}: a {kind!r} tuner is already attached to op {op!r}')
+    # -- tuners ---------------------------------------------------------------------------------------------------
+    def attach(self, name: str, tuner: nn.Module) -> None:
+        """Add ``tuner`` as child ``name`` and register it at the hook points it declares."""
+        if name in self._modules:
+            raise ValueError(f'layer {self.index}: a tuner named {name!r} is already attached')
         self.add_module(name, tuner)
-        if getattr(tuner, 'combines_output', True):
-            self.op_tuners[op].append(name)
+        self.hooks.add(name, tuner.points)
+
+    def detach(self, name: str) -> nn.Module:
+        """Remove the tuner ``name`` (e.g. after merging it into the frozen weights); returns it."""
+        tuner = self._modules.pop(name)
+        self.hooks.remove(name)
+        return tuner
 
     def tuner(self, op: str, kind: str) -> Optional[nn.Module]:
+        """The tuner attached as ``{op}_{kind}``, or None (a lookup for callers; the block never uses it)."""
         return self._modules.get(f'{op}_{kind}')
 
-    def _combine(self, op: str, h: torch.Tensor, y: torch.Tensor, q: Optional[torch.Tensor] = None):
-        for name in self.op_tuners[op]:
-            y = self._modules[name](h, y, block=self, q=q)
+    def tuners(self):
+        """``(name, tuner)`` of every attached tuner, in attachment order."""
+        return [(n, self._modules[n]) for n in self.hooks.names]
+
+    def tuners_at(self, point: str) -> list:
+        """The tuners registered at ``point``, in attachment order."""
+        return [self._modules[n] for n in self.hooks.at(point)]
+
+    def _edit_linear(self, point: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for t in self.tuners_at(point):
+            y = t.edit_linear(point, x, y)
         return y
 
-    # -- the three OPs ------------------------------------------------------------------------------------
-    def mha(self, h: torch.Tensor) -> torch.Tensor:
-        """``mha(h) = ls1(Attn(h))`` plus the tuners attached to it."""
-        return self._mha(h)[0]
+    def _combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
+        for t in self.tuners_at(ctx.op):
+            y = t.combine(ctx, y)
+        return y
 
-    def _mha(self, h: torch.Tensor, n: Optional[int] = None):
-        """-> (mha OP output for the first n tokens, the attention's query (B, H, n, d) when it is the frozen
-        ``W_q h``, else None). All N tokens of h serve as keys and values."""
-        lora = self.tuner('mha', 'lora')
-        prefix = self.tuner('mha', 'prefix')
-        qkv_delta = lora.delta_qkv(h) if lora is not None else None
-        extra_kv = prefix.extra_kv(h.shape[0]) if prefix is not None and prefix.form == 'sequential' else None
-        out, q = self.attn(h, qkv_delta=qkv_delta, extra_kv=extra_kv, n_query=n)
-        h_n = h if n is None else h[:, :n].contiguous()
-        return self._combine('mha', h_n, self.ls1(out), q=q), (q if lora is None else None)
+    def edit_tokens(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """The ``tokens`` point, before the block: may change the number of tokens."""
+        for t in self.tuners_at('tokens'):
+            x = t.edit_tokens(x, state)
+        return x
+
+    def rows_dropped(self, state: TokenState) -> int:
+        """How many trailing rows the ``tokens`` point of this block will discard from its input."""
+        return max((t.drops_rows(state) for t in self.tuners_at('tokens')), default=0)
+
+    # -- the computation --------------------------------------------------------------------------------------------
+    def attention(self, h: torch.Tensor, n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``Attn(h)`` through the ``q``, ``kv``, ``extra_kv`` and ``proj`` points, for the first n rows as queries
+        (every row is a key / value) -> (output (B, n, C), the query (B, H, n, d))."""
+        N = h.shape[1]
+        n = N if n is None else n
+        q, kv = self.attn.qkv(h, n_query=n)
+        if self.hooks.at('q'):
+            q = self._edit_linear('q', h if n == N else h[:, :n].contiguous(), q)
+        if self.hooks.at('kv'):
+            kv = self._edit_linear('kv', h, kv)
+        extra = [t.extra_kv(h.shape[0]) for t in self.tuners_at('extra_kv')]
+        out, q = self.attn.attend(q, kv, extra)
+        o = self.attn.proj(out)
+        if self.hooks.at('proj'):
+            o = self._edit_linear('proj', out, o)
+        return self.attn.proj_drop(o), q
+
+    def mlp_out(self, h: torch.Tensor) -> torch.Tensor:
+        """``MLP(h)`` through the ``fc1`` and ``fc2`` points."""
+        mlp = self.mlp
+        z = mlp.fc1(h)
+        if self.hooks.at('fc1'):
+            z = self._edit_linear('fc1', h, z)
+        a = mlp.drop1(mlp.act(z))
+        f = mlp.fc2(a)
+        if self.hooks.at('fc2'):
+            f = self._edit_linear('fc2', a, f)
+        return mlp.drop2(f)
+
+    def _input(self, point: str, h: torch.Tensor) -> torch.Tensor:
+        for t in self.tuners_at(point):
+            h = t.edit_input(point, h)
+        return h
+
+    def mha(self, h: torch.Tensor) -> torch.Tensor:
+        """``mha(h) = ls1(Attn(h))`` with the tuners attached to it, alone (no residual stream: tuners that
+        measure their output in units of the residual use 1)."""
+        out, q = self.attention(self._input('mha.in', h))
+        y = self.ls1(out)
+        return self._combine(OpContext('mha', h, self, None, q), y)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        """``ffn(h) = ls2(MLP(h))`` plus the tuners attached to it."""
-        return self._combine('ffn', h, self.ls2(self.mlp(h, lora=self.tuner('ffn', 'lora'))))
+        """``ffn(h) = ls2(MLP(h))`` with the tuners attached to it, alone (see :meth:`mha`)."""
+        y = self.ls2(self.mlp_out(self._input('ffn.in', h)))
+        return self._combine(OpContext('ffn', h, self, None), y)
+
+    def _frozen_q(self, q: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self.hooks.any(CHANGES_QUERY) else q
 
     def forward(self, x: torch.Tensor, n_out: Optional[int] = None) -> torch.Tensor:
         """``(B, N, C) -> (B, n_out, C)``: the outputs of the first ``n_out`` tokens (all by default).
@@ -231,41 +280,48 @@ class Block(nn.Module):
         Every token still serves as key / value, so the kept rows equal the full block's rows; the others skip
         the query, attention output, projection, FFN and tuners.
         """
-        out, q = self._mha(self.norm1(x), n_out)
+        h1 = self.norm1(x)
+        out, q = self.attention(self._input('mha.in', h1), n_out)
         x_n = x if n_out is None else x[:, :n_out].contiguous()
-        y = x_n + self.drop_path1(out)
-        y = y + self.drop_path2(self.ffn(self.norm2(y)))
-        # Tuners on the block OP query with W_q norm1(x): the attention's own q, reused.
-        return self._combine('block', x_n, y, q=q) if self.op_tuners['block'] else y
+        m = self.ls1(out)
+        if self.hooks.at('mha'):  # tuners on the mha OP read the OP's own query, whatever computed it
+            h1_n = h1 if n_out is None else h1[:, :n_out].contiguous()
+            m = self._combine(OpContext('mha', h1_n, self, x_n, q), m)
+        q = self._frozen_q(q)
+        y = x_n + self.drop_path1(m)
+        h2 = self.norm2(y)
+        f = self.ls2(self.mlp_out(self._input('ffn.in', h2)))
+        if self.hooks.at('ffn'):
+            f = self._combine(OpContext('ffn', h2, self, y), f)
+        out = y + self.drop_path2(f)
+        if self.hooks.at('block'):
+            out = self._combine(OpContext('block', x_n, self, x_n, q), out)
+        return out
 
-    def forward_frozen(self, x: torch.Tensor, n_out: Optional[int] = None):
-        """The frozen block alone, ``-> (output, {op: OP input})`` for the first n_out tokens (bypass path)."""
-        h_mha = self.norm1(x)
-        out, q = self.attn(h_mha, n_query=n_out)
+    def forward_frozen(self, x: torch.Tensor, n_out: Optional[int] = None
+                       ) -> Tuple[torch.Tensor, Dict[str, OpContext]]:
+        """The frozen block alone (no hook is called) -> (output for the first n_out tokens, {op: OpContext}),
+        the contexts holding each OP's input for tuners that run beside the backbone (bypass mode)."""
+        h1 = self.norm1(x)
+        q, kv = self.attn.qkv(h1, n_query=n_out)
+        out, q = self.attn.attend(q, kv)
         x_n = x if n_out is None else x[:, :n_out].contiguous()
-        y = x_n + self.ls1(out)
-        h_ffn = self.norm2(y)
-        y = y + self.ls2(self.mlp(h_ffn))
-        h_mha = h_mha if n_out is None else h_mha[:, :n_out].contiguous()
-        return y, {'mha': h_mha, 'ffn': h_ffn, 'block': x_n, 'q': q}
-
-    def bypass_delta(self, inputs: Dict[str, torch.Tensor]):
-        """``sum over this block's tuners of s * U(h_op)`` on the frozen OP inputs (None without tuners)."""
-        delta = None
-        for op in OPS:
-            for name in self.op_tuners[op]:
-                h = inputs[op]
-                q = inputs['q'] if op in ('mha', 'block') else None  # W_q norm1(x), computed by the attention
-                u = self._modules[name](h, torch.zeros((), dtype=h.dtype, device=h.device), block=self, q=q)
-                delta = u if delta is None else delta + u
-        return delta
+        y = x_n + self.ls1(self.attn.proj(out))
+        h2 = self.norm2(y)
+        out = y + self.ls2(self.mlp(h2))
+        h1_n = h1 if n_out is None else h1[:, :n_out].contiguous()
+        return out, {'mha': OpContext('mha', h1_n, self, x_n, q), 'ffn': OpContext('ffn', h2, self, y),
+                     'block': OpContext('block', x_n, self, x_n, q)}
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone: ``forward_features`` gives tokens ``(B, N, C)``, ``forward_head`` the pooled feature.
+    """ViT backbone with timm's contract: ``forward_features(x)`` gives the tokens ``(B, N, C)`` after the final
+    norm, ``forward_head(tokens)`` pools them (and applies the legacy head), ``forward(x) =
+    forward_head(forward_features(x))``.
 
-    ``num_classes > 0`` keeps a backbone-level ``head`` Linear (as the built-in ModelScope backbone does when
-    its config leaves ``num_classes`` at 1000); the classifier proper is the model's separate head.
+    ``num_classes > 0`` keeps a backbone-level ``head`` Linear (as the built-in ModelScope backbone does when its
+    config leaves ``num_classes`` at 1000); the classifier proper is the network's separate head. The order in
+    which blocks run, which rows they compute and the bypass mode live in :mod:`.runner`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
@@ -297,13 +353,22 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.side = None  # a side-tuning network (tuners.side) when configured
-        self.bypass = False  # see forward_features
+        self.act = act
+        self.bypass = False  # see runner.forward_bypass
         self._init_weights()
 
     @property
     def out_dim(self) -> int:
         return self.head.out_features if isinstance(self.head, nn.Linear) else self.embed_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.blocks[0].mlp.fc1.out_features
+
+    def no_weight_decay(self) -> set:
+        """Parameters that weight decay would only pull towards zero (timm's convention): position embedding and
+        class token; every 1-d parameter (norms, biases, layer scales) is exempt as well by the optimizer."""
+        return {'pos_embed', 'cls_token'}
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -324,81 +389,33 @@ class VisionTransformer(nn.Module):
             x = torch.cat((cls, x), dim=1)
         return x + self.pos_embed
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, N, C)`` tokens after the final norm (prompt tokens, if any, at the end).
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, N, C)``: patches, class token, position embedding, pre-norm."""
+        return self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(images))))
 
-        Bypass mode (Res-Tuning-Bypass style): the frozen backbone runs without autograd and every parallel tuner
-        reads the detached OP inputs ``h_{l,op}``; their outputs form a side path added to the last residual
-        stream, ``x_L + sum_l sum_t s_t U_t(h_{l,op})``, so back-propagation never enters the backbone.
+    def forward_features(self, images: torch.Tensor, pooled_rows_only: bool = False) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, N, C)`` tokens after the final norm (appended prompt tokens, if any, at the end).
+
+        ``pooled_rows_only``: under class-token pooling, compute the last block for the class token alone and return
+        ``(B, 1, C)`` (same numbers as the full computation's first row; what :meth:`forward` uses).
         """
-        return self._tokens(x, class_token_only=False)
+        from .runner import forward_tokens
+        return forward_tokens(self, self.embed(images), class_token_only=pooled_rows_only
+                              and self.global_pool == 'token')
 
-    def _sequential_prompt(self, i: int):
-        prompt = self.blocks[i].tuner('block', 'prompt') if i < len(self.blocks) else None
-        return prompt if prompt is not None and prompt.form == 'sequential' else None
-
-    def _tokens(self, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
-        """Tokens after the final norm; with ``class_token_only`` just ``(B, 1, C)``, the class token.
-
-        Rows whose outputs nothing reads are not computed (they still act as keys / values): the last block's
-        non-class rows when only the class token is pooled, and a layer's VPT prompt rows when the next layer
-        replaces them with its own. The kept rows are the same numbers the full computation gives.
-        """
-        x = self.norm_pre(self.pos_drop(self._pos_embed(self.patch_embed(x))))
-        if self.bypass:
-            return self._tokens_bypass(x, class_token_only)
-        n_prompt = 0
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            prompt = self._sequential_prompt(i)
-            if prompt is not None:
-                x, n_prompt = prompt.insert(x, n_prompt)
-            n_out = None
-            if i == last and class_token_only:
-                n_out = 1
-            elif n_prompt and self._sequential_prompt(i + 1) is not None:
-                n_out, n_prompt = x.shape[1] - n_prompt, 0
-            x = blk(x, n_out)
-        return self.norm(x)
-
-    def _tokens_bypass(self, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
-        # Each block's tuners run right after its frozen step, so only their (small) inputs outlive it. Under
-        # class-token pooling the side path only reaches the class row, so the tuners see just that row.
-        n_side = 1 if class_token_only else None
-        side = None
-        last = len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks):
-            with torch.no_grad():
-                x, ops = blk.forward_frozen(x, n_out=n_side if i == last else None)
-                if n_side is not None and i != last:
-                    ops = {op: (t[:, :, :n_side] if op == 'q' else t[:, :n_side]).contiguous()
-                           for op, t in ops.items()}
-            delta = blk.bypass_delta(ops)
-            if delta is not None:
-                side = delta if side is None else side + delta
-        if side is not None:
-            x = x if n_side is None else x[:, :n_side]
-            x = x + side
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, images: Optional[torch.Tensor] = None,
-                     pre_logits: bool = False) -> torch.Tensor:
-        """Pool tokens to ``(B, C)``; side-tuning mixes in its side network; then fc_norm (and legacy head)."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool tokens ``(B, N, C)`` to ``(B, C)``, then fc_norm (and the legacy head unless ``pre_logits``)."""
         if self.global_pool == 'avg':
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         elif self.global_pool == 'token':
             x = x[:, 0]
-        if self.side is not None:
-            if images is None:
-                raise ValueError('side-tuning needs the input images: call forward(images)')
-            x = self.side(images, x)
         x = self.fc_norm(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W) -> (B, out_dim)``. With class-token pooling only the class token's row is finished."""
-        tokens = self._tokens(images, class_token_only=self.global_pool == 'token')
-        return self.forward_head(tokens, images=images)
+        """``(B, 3, H, W) -> (B, out_dim)`` = ``forward_head(forward_features(images))`` (only the rows the pooling
+        reads are finished)."""
+        return self.forward_head(self.forward_features(images, pooled_rows_only=True))
 
     def load_pos_embed(self, pos_embed: torch.Tensor) -> torch.Tensor:
         """Resample a checkpoint's position embedding to this model's grid (no-op when it already fits)."""

@@ -57,7 +57,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from .hub_layout import from_builtin_names
+from ..tuners.base import slot_names, tuner_state_keys
+from .hub_layout import from_builtin_names, has_builtin_tuner_name
+from .load_report import LoadReport, shape_mismatches
 
 LAYOUTS = ('timm', 'hub', 'hf_vit', 'hf_dinov2', 'google_npz')
 TORCH_EXTENSIONS = ('.bin', '.pth', '.pt', '.ckpt')
@@ -69,10 +71,6 @@ DEFAULT_NORM_EPS = {'timm': 1e-6, 'hub': 1e-6, 'hf_vit': 1e-12, 'hf_dinov2': 1e-
 _HF_ANCHOR = 'embeddings.patch_embeddings.projection.weight'
 _TIMM_ANCHOR = 'patch_embed.proj.weight'
 _GOOGLE_ANCHOR = 'embedding/kernel'
-# A built-in tuner name marks the hub layout (see hub_layout._BUILTIN_TO_OURS).
-_HUB_TUNER = re.compile(r'(^|\.)blocks\.\d+\.(adapter\.ln[12]\.|attn\.prefix\.|attn\.lora\.|prompt\.prompt_token)'
-                        r'|(^|\.)sidetune\.')
-_TUNER_PART = re.compile(r'(^|\.)(mha|ffn|block)_(adapter|prefix|prompt|lora)\.|(^|\.)side\.')
 
 
 class WeightsFileNotFoundError(FileNotFoundError, ValueError):
@@ -168,7 +166,7 @@ def detect_layout(state: Mapping[str, Any]) -> str:
     p = _prefix(state, _TIMM_ANCHOR)
     if p is not None:
         inner = [k[len(p):] for k in state if k.startswith(p)]
-        if any(_HUB_TUNER.search(k) for k in inner):
+        if any(has_builtin_tuner_name(k) for k in inner):
             return 'hub'
         if any(k.startswith('blocks.') for k in inner):
             return 'timm'
@@ -200,7 +198,7 @@ def _from_timm(state: Mapping[str, torch.Tensor], hub: bool) -> Dict[str, torch.
     state = _strip(state, _prefix(state, _TIMM_ANCHOR))
     if hub:
         state = from_builtin_names(state)
-    return _drop_heads({k: v for k, v in state.items() if not _TUNER_PART.search(k)})
+    return _drop_heads({k: v for k, v in state.items() if not _is_tuner_key(k)})
 
 
 _HF_LAYER = re.compile(r'^(?:encoder\.)?layers?\.(\d+)\.(.+)$')
@@ -388,9 +386,10 @@ def suggested_backbone_config(state_or_path: Any, layout: Optional[str] = None) 
 # ---------------------------------------------------------------------------------------------------------------
 # loading into a VisionTransformer
 # ---------------------------------------------------------------------------------------------------------------
-def _is_fresh(name: str) -> bool:
-    """Weights that start fresh: tuners, side network and the backbone-level classifier head."""
-    return bool(_TUNER_PART.search(name)) or name.startswith(('side.', 'head.'))
+def _is_tuner_key(name: str) -> bool:
+    """Whether a weight of a file (under our names) belongs to a tuner: a path component is a tuner slot."""
+    slots = set(slot_names())
+    return any(part in slots for part in name.split('.')[:-1])
 
 
 def _architecture_problems(vit, s: Mapping[str, torch.Tensor]) -> List[str]:
@@ -436,36 +435,29 @@ def load_pretrained_backbone(vit, path: str, layout: Optional[str] = None) -> Di
         s = convert_to_timm(raw, layout, num_heads=getattr(vit, 'num_heads', None))
     except ValueError as e:
         raise ValueError(f'pretrained weights {path!r}: {e}') from e
-    where = f'pretrained weights {path!r} (layout {layout})'
-    own = vit.state_dict()
-    problems = _architecture_problems(vit, s)
+    report = LoadReport(f'pretrained weights {path!r} (layout {layout})')
+    # Tuners and the backbone-level classifier head start fresh: they are neither expected nor loaded.
+    fresh = tuner_state_keys(vit) | {k for k in vit.state_dict() if k.startswith('head.')}
+    own = {k: v for k, v in vit.state_dict().items() if k not in fresh}
+    report.problems += _architecture_problems(vit, s)
     pos_shapes = None
-    if 'pos_embed' in s and 'pos_embed' in own and not problems:
+    if 'pos_embed' in s and 'pos_embed' in own and report.ok:
         before = tuple(s['pos_embed'].shape)
         try:
             s['pos_embed'] = vit.load_pos_embed(s['pos_embed'])
         except ValueError as e:
-            problems.append(f'pos_embed {before}: {e}')
+            report.problems.append(f'pos_embed {before}: {e}')
         pos_shapes = (before, tuple(s['pos_embed'].shape))
-    s = {k: v for k, v in s.items() if not _is_fresh(k)}
-    missing = [k for k in own if k not in s and not _is_fresh(k)]
-    unexpected = [k for k in s if k not in own]
-    mismatched = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-                  for k, v in s.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if problems or missing or unexpected or mismatched:
-        hints = []
-        if any(k.startswith('fc_norm.') for k in missing) and any(k.startswith('norm.') for k in unexpected):
-            hints.append('the checkpoint has a final norm but the model uses fc_norm (global_pool avg): '
-                         'set model.backbone.fc_norm=false')
-        if any(k.endswith('attn.qkv.bias') for k in missing):
-            hints.append('the checkpoint has no qkv bias: set model.backbone.qkv_bias=false')
-        raise ValueError(
-            f'{where} does not fit the configured backbone:'
-            + ''.join(f'\n  {p}' for p in problems)
-            + (f'\n  missing weights: {missing}' if missing else '')
-            + (f'\n  unexpected weights: {unexpected}' if unexpected else '')
-            + (f'\n  shape mismatches: {mismatched}' if mismatched else '')
-            + ''.join(f'\n  hint: {h}' for h in hints)
-            + '\n(tuners, the side network and heads are not expected: they start fresh)')
+    s = {k: v for k, v in s.items() if not k.startswith('head.')}
+    report.add(missing=[k for k in own if k not in s], unexpected=[k for k in s if k not in own],
+               mismatched=shape_mismatches(s, own))
+    if not report.ok:
+        if any(k.startswith('fc_norm.') for k in report.missing) and \
+                any(k.startswith('norm.') for k in report.unexpected):
+            report.hints.append('the checkpoint has a final norm but the model uses fc_norm (global_pool avg): '
+                                'set model.backbone.fc_norm=false')
+        if any(k.endswith('attn.qkv.bias') for k in report.missing):
+            report.hints.append('the checkpoint has no qkv bias: set model.backbone.qkv_bias=false')
+        report.raise_if_any('tuners, the side network and heads are not expected: they start fresh')
     vit.load_state_dict(s, strict=False)
     return {'layout': layout, 'loaded': len(s), 'pos_embed': pos_shapes}

@@ -1,79 +1,132 @@
 """ModelScope's hub checkpoint layout for vision-efficient-tuning models.
 
 ``pytorch_model.pt`` holds ``{'backbone_weight': state dict, 'head_weight': {'fc.weight', 'fc.bias'},
-'CLASSES': [names], optional 'backbone_cfg' / 'head_cfg'}``. The built-in names its tuners differently from us;
-:func:`from_builtin_names` / :func:`to_builtin_names` translate, so the original-form tuners we save can be read
-by the built-in and its checkpoints by us. Parallel tuners have no built-in counterpart and keep our names.
+'CLASSES': [names], optional 'backbone_cfg' / 'head_cfg'}``. ``backbone_weight`` holds the ViT's weights and
+every tuner's, the side network's included (the built-in keeps it on its backbone). The built-in names its tuners
+differently from us; each tuner kind declares its names there (``Tuner.hub_names``: built-in name, our name, the
+form the built-in means), and the translation both ways is derived from those declarations here. Tuners the
+built-in does not have (every parallel form) keep our names.
+
+A network's state dict (``backbone.*``, ``head.*`` and network-level tuners such as ``side.*``) and a hub
+checkpoint convert into each other with :func:`network_state_from_hub` and :func:`hub_from_network_state`.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from ..fileio import atomic_write
+from ..tuners.base import tuner_kinds
 
 CHECKPOINT_FILE = 'pytorch_model.pt'
-
-# (built-in name, our name) of each tuner parameter the built-in has; inside ``blocks.N.`` for all but the
-# side network. Both directions of the translation are derived from this one table.
-_BLOCK_NAMES = [('adapter.ln1.', 'ffn_adapter.down.'), ('adapter.ln2.', 'ffn_adapter.up.'),
-                ('attn.prefix.prefix_key', 'mha_prefix.key'), ('attn.prefix.prefix_value', 'mha_prefix.value'),
-                ('attn.lora.', 'mha_lora.'), ('prompt.prompt_token', 'block_prompt.tokens')]
-_TOP_NAMES = [('sidetune.side.', 'side.net.'), ('sidetune.alpha', 'side.alpha')]
-# Modules whose built-in name means the sequential form (ours may be parallel under the same slot).
-_TWO_FORM_MODULES = ('ffn_adapter', 'mha_prefix', 'block_prompt')
+_BLOCK = r'^blocks\.(\d+)\.'
 
 
-def _rules(reverse: bool):
-    def pattern(name, block):
-        exact = '' if name.endswith('.') else '$'
-        return (r'^blocks\.(\d+)\.' if block else '^') + re.escape(name) + exact
-
-    def replacement(name, block):
-        return (r'blocks.\1.' if block else '') + name
-
-    rules = []
-    for table, block in ((_BLOCK_NAMES, True), (_TOP_NAMES, False)):
-        for builtin, ours in table:
-            src, dst = (ours, builtin) if reverse else (builtin, ours)
-            rules.append((pattern(src, block), replacement(dst, block)))
-    return rules
+def _rules() -> List[Tuple[str, str, Optional[str], bool]]:
+    """``(built-in name, our name, form or None, inside a block)`` from every kind's declaration."""
+    return [(builtin, ours, form, cls.level == 'block')
+            for cls in tuner_kinds().values() for builtin, ours, form in cls.hub_names]
 
 
-_BUILTIN_TO_OURS = _rules(reverse=False)
-_OURS_TO_BUILTIN = _rules(reverse=True)
+def _match(name: str, rule_name: str, block: bool) -> Optional[Tuple[str, str]]:
+    """(block prefix, rest after rule_name) when ``name`` is ``[blocks.N.]rule_name...``."""
+    prefix = ''
+    if block:
+        m = re.match(_BLOCK, name)
+        if not m:
+            return None
+        prefix, name = m.group(0), name[m.end():]
+    exact = not rule_name.endswith('.')
+    if (exact and name == rule_name) or (not exact and name.startswith(rule_name)):
+        return prefix, name[len(rule_name):]
+    return None
 
 
-def _rename(name: str, rules) -> str:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
+def from_builtin_name(name: str) -> Tuple[str, Optional[str]]:
+    """A hub ``backbone_weight`` name -> (our name, the form it means or None when it is not a built-in tuner
+    name or the kind has one form)."""
+    for builtin, ours, form, block in _rules():
+        hit = _match(name, builtin, block)
+        if hit:
+            return hit[0] + ours + hit[1], form
+    return name, None
+
+
+def from_builtin_names(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {from_builtin_name(k)[0]: v for k, v in state.items()}
+
+
+def to_builtin_name(name: str, form_of: Mapping[str, str]) -> str:
+    """Our name -> the built-in's, for the tuners the built-in has in the form it has them. ``form_of`` maps a
+    tuner module's path (``blocks.0.ffn_adapter``) to its form."""
+    for builtin, ours, form, block in _rules():
+        hit = _match(name, ours, block)
+        if hit:
+            module = hit[0] + ours.split('.')[0]
+            if form is None or form_of.get(module) == form:
+                return hit[0] + builtin + hit[1]
     return name
 
 
-def from_builtin_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {_rename(k, _BUILTIN_TO_OURS): v for k, v in state.items()}
+def has_builtin_tuner_name(name: str) -> bool:
+    """Whether ``name`` (anywhere under a prefix) is a built-in tuner weight's name."""
+    for builtin, _, _, block in _rules():
+        pattern = (r'(^|\.)blocks\.\d+\.' if block else r'(^|\.)') + re.escape(builtin)
+        if re.search(pattern, name):
+            return True
+    return False
 
 
-def to_builtin_names(state: Dict[str, torch.Tensor], sequential_only: Optional[set] = None) -> Dict[str, Any]:
-    """Our backbone names -> the built-in's, for the tuners the built-in has (sequential ffn adapter,
-    sequential mha prefix, mha LoRA, sequential block prompt, side-tuning); ``sequential_only`` names the
-    modules (e.g. ``blocks.0.ffn_adapter``) whose form the built-in shares; other two-form tuners (parallel
-    ones) keep our names, since the built-in would read them as its sequential tuner."""
-    out = {}
+def network_level_slots() -> Tuple[str, ...]:
+    return tuple(cls.kind for cls in tuner_kinds().values() if cls.level == 'network')
+
+
+def network_state_from_hub(ckpt: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """A hub checkpoint -> (network state dict, {network key: form} for the keys that came under a built-in
+    tuner name and so mean that form)."""
+    state: Dict[str, torch.Tensor] = {}
+    forms: Dict[str, str] = {}
+    top = network_level_slots()
+    for k, v in (ckpt.get('backbone_weight') or {}).items():
+        ours, form = from_builtin_name(k)
+        key = ours if ours.split('.', 1)[0] in top else 'backbone.' + ours
+        state[key] = v
+        if form is not None and ours != k:
+            forms[key] = form
+    for k, v in (ckpt.get('head_weight') or {}).items():
+        state['head.' + k] = v
+    return state, forms
+
+
+def hub_from_network_state(state: Mapping[str, torch.Tensor], form_of: Mapping[str, str],
+                           classes: Optional[List[str]] = None) -> Dict[str, Any]:
+    """A network state dict -> the hub checkpoint dict; ``form_of`` maps tuner module paths relative to the
+    backbone (``blocks.0.ffn_adapter``) or the network (``side``) to their form."""
+    backbone, head = {}, {}
+    top = network_level_slots()
     for k, v in state.items():
-        two_form = any(f'.{m}.' in f'.{k}' for m in _TWO_FORM_MODULES)
-        shared = not two_form or sequential_only is None or any(k.startswith(m + '.') for m in sequential_only)
-        out[_rename(k, _OURS_TO_BUILTIN) if shared else k] = v
-    return out
+        t = v.detach().cpu().contiguous()
+        if k.startswith('head.'):
+            head[k[len('head.'):]] = t
+        elif k.startswith('backbone.'):
+            backbone[to_builtin_name(k[len('backbone.'):], form_of)] = t
+        elif k.split('.', 1)[0] in top:
+            backbone[to_builtin_name(k, form_of)] = t
+        else:
+            raise ValueError(f'{k!r} belongs to neither the backbone, a network-level tuner nor the head')
+    obj: Dict[str, Any] = {'backbone_weight': backbone, 'head_weight': head}
+    if classes is not None:
+        obj['CLASSES'] = [str(c) for c in classes]
+    return obj
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a hub-layout ``pytorch_model.pt`` safely (``weights_only=True``: tensors, lists, dicts only)."""
+    """Load a hub-layout ``pytorch_model.pt`` safely (``weights_only=True``: tensors, lists, dicts only). A
+    trainer's whole-model state (``epoch_N.pth``: ``state_dict`` of ``model.backbone.*`` / ``model.head.*``) is
+    turned into the hub layout."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     try:
@@ -85,18 +138,25 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise ValueError(f'checkpoint {path!r}: expected a dict with backbone_weight / head_weight, '
                          f'got {type(ckpt).__name__}')
     if 'backbone_weight' not in ckpt and 'head_weight' not in ckpt:
-        if 'state_dict' in ckpt or any(k.startswith(('backbone.', 'head.')) for k in ckpt):
-            return split_model_state(ckpt.get('state_dict', ckpt), ckpt.get('CLASSES'))
+        inner = ckpt.get('state_dict', ckpt)
+        if isinstance(inner, dict) and any(str(k).startswith(('backbone.', 'head.', 'model.')) for k in inner):
+            meta = ckpt.get('meta') if isinstance(ckpt.get('meta'), dict) else {}
+            return split_model_state(inner, ckpt.get('CLASSES', meta.get('CLASSES')))
         raise ValueError(f'checkpoint {path!r}: no backbone_weight / head_weight keys '
-                         f'(found {sorted(ckpt)[:8]}...)')
+                         f'(found {sorted(map(str, ckpt))[:8]}...)')
     return ckpt
 
 
 def split_model_state(state: Dict[str, torch.Tensor], classes: Optional[List[str]] = None) -> Dict[str, Any]:
-    """A whole-model state dict (``backbone.*`` / ``head.*``, e.g. a trainer's epoch file) -> hub layout."""
-    state = {k[len('model.'):] if k.startswith('model.') else k: v for k, v in state.items()}
-    out = {'backbone_weight': {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')},
-           'head_weight': {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}}
+    """A whole-network state dict (``backbone.*`` / ``head.*`` / ``side.*``, optionally under ``model.``) -> the
+    hub layout."""
+    state = {k[len('model.'):] if k.startswith('model.') else k: v for k, v in state.items()
+             if isinstance(v, torch.Tensor)}
+    top = network_level_slots()
+    out: Dict[str, Any] = {
+        'backbone_weight': {k[len('backbone.'):] if k.startswith('backbone.') else k: v for k, v in state.items()
+                            if k.startswith('backbone.') or k.split('.', 1)[0] in top},
+        'head_weight': {k[len('head.'):]: v for k, v in state.items() if k.startswith('head.')}}
     if classes is not None:
         out['CLASSES'] = list(classes)
     return out
@@ -106,14 +166,7 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_checkpoint(path: str, backbone_state: Dict[str, torch.Tensor], head_state: Dict[str, torch.Tensor],
-                     classes: Optional[List[str]] = None, sequential_modules: Optional[set] = None) -> None:
-    """Save in the hub layout with the built-in's names where the built-in has the same tuner."""
-    obj: Dict[str, Any] = {
-        'backbone_weight': {k: v.detach().cpu().contiguous()
-                            for k, v in to_builtin_names(backbone_state, sequential_modules).items()},
-        'head_weight': {k: v.detach().cpu().contiguous() for k, v in head_state.items()},
-    }
-    if classes is not None:
-        obj['CLASSES'] = [str(c) for c in classes]
-    atomic_torch_save(obj, path)
+def write_checkpoint(path: str, state: Mapping[str, torch.Tensor], form_of: Mapping[str, str],
+                     classes: Optional[List[str]] = None) -> None:
+    """Save a network state dict in the hub layout with the built-in's names where it has the same tuner."""
+    atomic_torch_save(hub_from_network_state(state, form_of, classes), path)

@@ -1,93 +1,59 @@
-"""Fold LoRA into the frozen weights for inference: ``W <- W + (alpha / r) B A``, then drop the LoRA modules.
+"""Fold mergeable tuners into the frozen weights for inference, then drop them: same outputs, plain-backbone speed.
 
-After :func:`merge_lora` the blocks run the plain backbone path (no low-rank branch) and give the same outputs.
-LoRA is looked up by name (``block.tuner(op, 'lora')``) and is not in ``Block.op_tuners`` (it does not combine
-outputs), so removing the child module is all the block needs. The model's tuner specs and
-``backbone_config`` lose their LoRA entries, so a saved configuration describes the merged network.
-
-Refused (ValueError, nothing changed) where merging would change outputs: a block with mha LoRA whose parallel
-prefix (on the ffn / block OP) or parallel prompt (any OP) borrows the frozen q / k / v projections, which
-before merging do not include the LoRA update.
+Works on a :class:`~modelscope_utuning.backbone.vit.VisionTransformer` with tuners attached: every tuner of the
+kinds asked for that declares ``mergeable`` folds itself in (:meth:`~modelscope_utuning.tuners.base.Tuner.merge`)
+and is detached from its block. Refused (ValueError, nothing changed) where merging would change outputs: a tuner
+left in place that computes a projection itself from the frozen weights (``borrows()``, e.g. a parallel prompt's
+keys and values) that a merged tuner changes (``modifies()``).
 """
 from __future__ import annotations
 
-from typing import List
-
-LORA_OPS = ('mha', 'ffn')
+from typing import Iterable, List, Optional
 
 
-def _parts(model):
-    """(VisionTransformer, network or None, wrapper or None)."""
-    net = getattr(model, 'model', None)
-    if net is not None and hasattr(net, 'backbone'):
-        return net.backbone, net, model
-    if hasattr(model, 'backbone') and hasattr(model, 'head'):
-        return model.backbone, model, None
-    if hasattr(model, 'blocks'):
-        return model, None, None
-    raise TypeError(f'expected a VisionEfficientTuningModel, its .model or a VisionTransformer, '
-                    f'got {type(model).__name__}')
+def _mergeable(tuner, kinds: Optional[Iterable[str]]) -> bool:
+    return tuner.mergeable and (kinds is None or tuner.kind in kinds)
 
 
-def _conflicts(vit) -> List[str]:
+def merge_conflicts(vit, kinds: Optional[Iterable[str]] = None) -> List[str]:
+    """Why merging ``kinds`` (every mergeable kind when None) would change the outputs; empty when it would not."""
+    kinds = None if kinds is None else set(kinds)
     found = []
     for blk in vit.blocks:
-        if blk.tuner('mha', 'lora') is None:
-            continue
-        for op in ('mha', 'ffn', 'block'):
-            for kind in ('prefix', 'prompt'):
-                t = blk.tuner(op, kind)
-                if t is None or getattr(t, 'form', None) != 'parallel':
-                    continue
-                if kind == 'prompt' or op != 'mha':
-                    found.append(f'layer {blk.index}: the parallel {kind} on op {op!r} uses the frozen '
-                                 f'{"key / value" if kind == "prompt" else "query"} projection, which merging '
-                                 'the mha LoRA would change')
+        merged = [(n, t) for n, t in blk.tuners() if _mergeable(t, kinds)]
+        changed = {p for _, t in merged for p in t.modifies()}
+        for name, t in blk.tuners():
+            if _mergeable(t, kinds):
+                continue
+            hit = sorted(set(t.borrows()) & changed)
+            if hit:
+                by = ', '.join(n for n, m in merged if set(m.modifies()) & set(hit))
+                found.append(f'layer {blk.index}: the {t.form} {t.kind} on op {t.op!r} computes the frozen '
+                             f'{"/".join(hit)} projection itself, which merging {by} would change')
     return found
 
 
-def _drop_lora_entries(cfg: dict) -> dict:
-    cfg = dict(cfg)
-    cfg.pop('lora_length', None)
-    cfg.pop('lora_type', None)
-    if cfg.get('tuners'):
-        cfg['tuners'] = [e for e in cfg['tuners'] if not (isinstance(e, dict) and e.get('type') == 'lora')]
-    return cfg
-
-
-def merge_lora(model):
-    """Merge every LoRA tuner into qkv / fc1 / fc2 in place and remove it; returns ``model``.
-
-    Accepts a VisionEfficientTuningModel, its network (``.model``) or a bare VisionTransformer.
-    """
-    vit, net, wrapper = _parts(model)
-    conflicts = _conflicts(vit)
+def merge_block_tuners(vit, kinds: Optional[Iterable[str]] = None) -> List[str]:
+    """Merge every mergeable tuner of ``kinds`` into ``vit``'s frozen weights and detach it; returns the merged
+    kinds (one entry per kind). ValueError, with nothing changed, where outputs would change."""
+    kinds = None if kinds is None else set(kinds)
+    conflicts = merge_conflicts(vit, kinds)
     if conflicts:
-        raise ValueError('cannot merge LoRA without changing the outputs:\n  ' + '\n  '.join(conflicts))
-    merged = 0
+        raise ValueError('cannot merge without changing the outputs:\n  ' + '\n  '.join(conflicts))
+    merged = []
     for blk in vit.blocks:
-        for op in LORA_OPS:
-            lora = blk.tuner(op, 'lora')
-            if lora is None:
-                continue
-            lora.merge_into(blk)
-            name = f'{op}_lora'
-            delattr(blk, name)  # removes the child module
-            for names in blk.op_tuners.values():  # LoRA is never listed there; keep it so if that changes
-                while name in names:
-                    names.remove(name)
-            merged += 1
-    if net is not None and merged and hasattr(net, 'specs'):
-        net.specs[:] = [s for s in net.specs if s.type != 'lora']
-    if wrapper is not None and merged and isinstance(getattr(wrapper, 'backbone_config', None), dict):
-        wrapper.backbone_config = _drop_lora_entries(wrapper.backbone_config)
-    return model
+        for name, tuner in blk.tuners():
+            if _mergeable(tuner, kinds):
+                tuner.merge(blk)
+                blk.detach(name)
+                if tuner.kind not in merged:
+                    merged.append(tuner.kind)
+    return merged
 
 
-def has_lora(model) -> bool:
-    vit, _, _ = _parts(model)
-    from ..tuners.lora import LoRA
-    return any(isinstance(m, LoRA) for m in vit.modules())
+def has_tuners(vit, kinds: Iterable[str]) -> bool:
+    kinds = set(kinds)
+    return any(t.kind in kinds for blk in vit.blocks for _, t in blk.tuners())
 
 
-__all__ = ['merge_lora', 'has_lora']
+__all__ = ['has_tuners', 'merge_block_tuners', 'merge_conflicts']

@@ -11,7 +11,6 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from ..checkpoint.tuner_only import save_tuners
 from ..fileio import atomic_write, write_text_atomic
 
 PLUGIN_PACKAGE = 'modelscope-utuning'
@@ -83,7 +82,8 @@ def write_training_curve(rows: List[Dict], path: str) -> bool:
 
 def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int, has_curve: bool) -> str:
     tuners = cfg.get('model', {}).get('backbone', {}).get('tuners') or []
-    legacy = {k: v for k, v in cfg.get('model', {}).get('backbone', {}).items() if k.endswith('_length')}
+    from ..tuners.base import legacy_keys
+    legacy = {k: v for k, v in cfg.get('model', {}).get('backbone', {}).items() if k in legacy_keys()}
     lines = [
         '---', 'tasks:', '- vision-efficient-tuning', 'frameworks:', '- pytorch', '---', '',
         '# U-Tuning vision-efficient-tuning model', '',
@@ -118,7 +118,7 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
     stale = os.path.join(output_dir, 'pytorch_model.bin')  # ModelScope's link of the raw epoch file
     if os.path.lexists(stale):
         os.remove(stale)
-    save_tuners(model, output_dir)
+    model.model.save_tuners(output_dir)
     out_cfg = output_configuration(cfg, model.head.num_classes)
     write_text_atomic(os.path.join(output_dir, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
     write_card(model, out_cfg, output_dir, eval_results, log_json)

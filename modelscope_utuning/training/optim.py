@@ -1,27 +1,23 @@
-"""Parameter groups: tuners and head may have their own learning rates; no weight decay on the parameters where
-decay only pulls learned tokens / offsets towards zero (prompts, prefixes, position embeddings, norms, biases,
-scales)."""
+"""Parameter groups: the head and the tuners may have learning rates of their own; no weight decay on the
+parameters where decay only pulls learned tokens / offsets towards zero (the network says which:
+:meth:`~modelscope_utuning.network.VisionEfficientTuning.no_weight_decay`)."""
 from __future__ import annotations
 
-from typing import Dict, List
-
-import torch.nn as nn
-
-NO_DECAY_SUBSTRINGS = ('bias', 'norm', 'pos_embed', 'cls_token', 'prompt', 'prefix', 'scale', 'gamma', 'alpha')
+from typing import Dict, List, Optional
 
 
-def no_decay(name: str, param) -> bool:
-    return param.ndim <= 1 or any(s in name for s in NO_DECAY_SUBSTRINGS)
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: float = None) -> List[Dict]:
-    """Trainable parameters only, split into (tuner | head) x (decay | no decay) groups."""
+def param_groups(model, lr: float, weight_decay: float, head_lr: Optional[float] = None) -> List[Dict]:
+    """Trainable parameters only, split into (head | the rest) x (decay | no decay) groups. ``model``: our
+    ModelScope model or its network; names in the groups are relative to the network."""
+    net = getattr(model, 'model', model)
+    roles = net.parameter_roles()
+    exempt = net.no_weight_decay()
     groups: Dict[tuple, Dict] = {}
-    for name, p in model.named_parameters():
+    for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
-        is_head = '.head.' in f'.{name}' and '.backbone.' not in f'.{name}'
-        nd = no_decay(name, p)
+        is_head = roles.get(name) == 'head'
+        nd = name in exempt
         key = (is_head, nd)
         if key not in groups:
             groups[key] = {'params': [], 'names': [], 'lr': head_lr if is_head and head_lr else lr,

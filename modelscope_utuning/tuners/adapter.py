@@ -1,32 +1,68 @@
-"""Adapter tuners (Houlsby et al. 2019; parallel form: U-Tuning / AdaptFormer).
+"""Adapter tuners (Houlsby et al. 2019; parallel form: U-Tuning's P-Adapter / AdaptFormer).
 
 ``A(z) = W_up act(W_down z + b_down) + b_up`` with ``W_down: C -> r``, ``W_up: r -> C``.
 
 - sequential (the original adapter, as ModelScope's built-in computes it): ``OP'(h) = OP(h) + A(OP(h))``
-- parallel (P-Adapter): ``OP'(h) = OP(h) + s * A(h)``; ``W_up`` starts at zero so the tuned model starts
-  exactly at the frozen one.
+- parallel (P-Adapter): ``OP'(h) = OP(h) + s * A(h)``, joined as :mod:`.parallel` says. ``W_up`` and
+  ``b_up`` start at zero, so the tuned model starts exactly at the frozen one.
 
 Trainable parameters: ``2 C r + r + C`` plus the scale's (parallel only).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
 import torch
 import torch.nn as nn
 
-from ..backbone.vit import make_activation
+from ..backbone.hooks import OpContext
+from ..backbone.vit import ACTIVATIONS, make_activation
+from .base import Dims, register_tuner, option
+from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
 from .scale import Scale
+from .spec import legacy_size
 
 
-class Adapter(nn.Module):
+@dataclass
+class AdapterConfig(ParallelConfig):
+    act: str = option(None, "the hidden activation (default: the backbone's)", choices=tuple(ACTIVATIONS))
 
-    def __init__(self, dim: int, hidden: int, op: str, form: str, act: str = 'gelu', scale: str = 'channel',
-                 scale_init: float = 1.0):
-        super().__init__()
-        self.op, self.form = op, form
-        self.down = nn.Linear(dim, hidden)
-        self.act = make_activation(act)
-        self.up = nn.Linear(hidden, dim)
-        if form == 'sequential':
+
+@register_tuner
+class Adapter(ParallelTuner):
+    kind = 'adapter'
+    Config = AdapterConfig
+    ops = ('mha', 'ffn', 'block')
+    forms = ('parallel', 'sequential')
+    default_op = 'ffn'
+    size_keys = ('dim', 'length')
+    # The built-in's sequential adapter on the FFN output, under its names.
+    hub_names = (('adapter.ln1.', 'ffn_adapter.down.', 'sequential'),
+                 ('adapter.ln2.', 'ffn_adapter.up.', 'sequential'))
+    legacy_keys = ('adapter_length', 'adapter_type')
+
+    @classmethod
+    def check(cls, spec) -> None:
+        check_parallel_options(spec)
+
+    @classmethod
+    def num_trainable(cls, spec, size: int, dims: Dims) -> int:
+        C = dims.embed_dim
+        return 2 * C * size + size + C + (Scale.num_params(spec.scale, C) if spec.form == 'parallel' else 0)
+
+    @classmethod
+    def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        size = legacy_size(backbone_cfg, 'adapter_length')
+        return None if size is None else {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': size}
+
+    def __init__(self, spec, size: int, dims: Dims):
+        super().__init__(spec, size, dims)
+        C = dims.embed_dim
+        self.down = nn.Linear(C, size)
+        self.act = make_activation(spec.act or dims.act)
+        self.up = nn.Linear(size, C)
+        if self.form == 'sequential':
             for lin in (self.down, self.up):  # the built-in's initialisation
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.normal_(lin.bias, std=1e-6)
@@ -35,13 +71,17 @@ class Adapter(nn.Module):
             nn.init.zeros_(self.down.bias)
             nn.init.zeros_(self.up.weight)
             nn.init.zeros_(self.up.bias)
-            self.scale = Scale(scale, dim, scale_init)
+            self._init_parallel(spec, C)
+        self.points = (self.op,)
 
     def adapt(self, z: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(z)))
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor, block=None, q=None) -> torch.Tensor:
-        """``h``: the OP input, ``y = OP(h)``; both (B, N, C). Returns ``OP'(h)``."""
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        return self.adapt(ctx.h)
+
+    def combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
+        """``h``: the OP input, ``y = OP(h)``; both (B, n, C). Returns ``OP'(h)``."""
         if self.form == 'sequential':
             return y + self.adapt(y)
-        return y + self.scale(h, self.adapt(h))
+        return y + self.delta(ctx)

@@ -26,16 +26,3 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k = k.expand(q.shape[0], -1, -1, -1)
         v = v.expand(q.shape[0], -1, -1, -1)
     return merge_heads(F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype)))
-
-
-def query_for(op: str, h: torch.Tensor, block, q: torch.Tensor = None) -> torch.Tensor:
-    """The frozen MHA query of the OP input: ``Q = W_q h`` (heads split).
-
-    On the mha OP the attention's own q is reused. On the block OP the raw residual stream is first passed
-    through the block's ``norm1``, since the borrowed projection was trained on normalised tokens.
-    """
-    if q is not None:
-        return q
-    if op == 'block':
-        h = block.norm1(h)
-    return block.attn.project(h, 'q')

@@ -1,17 +1,29 @@
 """LoRA (Hu et al. 2021): a low-rank update of frozen weights, ``W' = W + (alpha / r) B A``.
 
-- on the mha OP: ``qkv += (alpha/r) B A h`` with ``A: C -> r``, ``B: r -> 3C`` (the built-in's layout,
-  one pair for q, k and v together); ``2*... = r C + 3 C r`` parameters.
-- on the ffn OP: fc1 and fc2 each get a pair: ``r C + r F`` and ``r F + r C`` (F the MLP width).
+- on the mha OP: ``qkv += (alpha/r) B A h`` with ``A: C -> r``, ``B: r -> 3C`` (the built-in's layout, one pair
+  for q, k and v together; applied at the ``q`` and ``kv`` hook points): ``r C + 3 C r`` parameters.
+- on the ffn OP: fc1 and fc2 each get a pair (``fc1`` / ``fc2`` points): ``r C + r F`` and ``r F + r C``
+  (F the MLP width).
 
-``B`` starts at zero. :meth:`merge_into` folds the update into the frozen weights for inference.
+``B`` starts at zero. :meth:`LoRA.merge` folds the update into the frozen weights for inference.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Dims, Tuner, TunerConfig, option, register_tuner
+from .spec import legacy_size
+
+
+@dataclass
+class LoRAConfig(TunerConfig):
+    alpha: float = option(None, 'the update is scaled by alpha / rank (default alpha = rank, i.e. 1)')
 
 
 def _pair(d_in: int, d_out: int, rank: int):
@@ -22,32 +34,76 @@ def _pair(d_in: int, d_out: int, rank: int):
     return a, b
 
 
-class LoRA(nn.Module):
-    combines_output = False
+@register_tuner
+class LoRA(Tuner):
+    kind = 'lora'
+    Config = LoRAConfig
+    ops = ('mha', 'ffn')
+    default_op = 'mha'
+    size_keys = ('rank', 'length', 'dim')
+    mergeable = True
+    hub_names = (('attn.lora.', 'mha_lora.', None),)
+    legacy_keys = ('lora_length', 'lora_type')
 
-    def __init__(self, dim: int, rank: int, op: str, mlp_hidden: int = 0, alpha: float = None):
-        super().__init__()
-        self.op, self.form, self.rank = op, 'parallel', rank
-        self.scaling = (alpha if alpha is not None else rank) / rank
-        if op == 'mha':
-            self.lora_a, self.lora_b = _pair(dim, 3 * dim, rank)
+    @classmethod
+    def check(cls, spec) -> None:
+        if spec.form != 'parallel':
+            spec.fail("LoRA has a single form; leave 'form' out (or 'parallel')")
+        if spec.op == 'block':
+            spec.fail("LoRA adapts weight matrices: op must be 'mha' (qkv) or 'ffn' (fc1, fc2)")
+
+    @classmethod
+    def num_trainable(cls, spec, size: int, dims: Dims) -> int:
+        C, F_ = dims.embed_dim, dims.mlp_hidden
+        return size * C + 3 * C * size if spec.op == 'mha' else 2 * (size * C + size * F_)
+
+    @classmethod
+    def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        size = legacy_size(backbone_cfg, 'lora_length')
+        return None if size is None else {'type': 'lora', 'op': 'mha', 'rank': size}
+
+    def __init__(self, spec, size: int, dims: Dims):
+        super().__init__(spec, size, dims)
+        self.rank = size
+        alpha = spec.alpha
+        self.scaling = (alpha if alpha is not None else size) / size
+        C = dims.embed_dim
+        if self.op == 'mha':
+            self.lora_a, self.lora_b = _pair(C, 3 * C, size)
+            self.points = ('q', 'kv')
         else:
-            self.fc1_a, self.fc1_b = _pair(dim, mlp_hidden, rank)
-            self.fc2_a, self.fc2_b = _pair(mlp_hidden, dim, rank)
+            self.fc1_a, self.fc1_b = _pair(C, dims.mlp_hidden, size)
+            self.fc2_a, self.fc2_b = _pair(dims.mlp_hidden, C, size)
+            self.points = ('fc1', 'fc2')
 
-    def delta_qkv(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lora_b(self.lora_a(h)) * self.scaling
+    def _pair_for(self, point: str) -> Tuple[nn.Linear, nn.Linear, slice]:
+        if point in ('q', 'kv'):
+            C = self.lora_a.in_features
+            return self.lora_a, self.lora_b, (slice(0, C) if point == 'q' else slice(C, 3 * C))
+        a, b = (self.fc1_a, self.fc1_b) if point == 'fc1' else (self.fc2_a, self.fc2_b)
+        return a, b, slice(None)
 
-    def delta_fc1(self, h: torch.Tensor) -> torch.Tensor:
-        return self.fc1_b(self.fc1_a(h)) * self.scaling
+    def edit_linear(self, point: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + (alpha/r) B A x`` (for q / kv: the rows of B that produce them)."""
+        a, b, rows = self._pair_for(point)
+        return y + F.linear(a(x), b.weight[rows]) * self.scaling
 
-    def delta_fc2(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fc2_b(self.fc2_a(z)) * self.scaling
+    def delta_weight(self, point: str) -> torch.Tensor:
+        a, b, rows = self._pair_for(point)
+        return (b.weight[rows] @ a.weight) * self.scaling
+
+    def modifies(self) -> Tuple[str, ...]:
+        return ('q', 'k', 'v') if self.op == 'mha' else ('fc1', 'fc2')
 
     @torch.no_grad()
-    def merge_into(self, block) -> None:
-        """Add ``(alpha/r) B A`` to the frozen weights of ``block``; the tuner then must be removed."""
-        pairs = ([(block.attn.qkv, self.lora_a, self.lora_b)] if self.op == 'mha' else
-                 [(block.mlp.fc1, self.fc1_a, self.fc1_b), (block.mlp.fc2, self.fc2_a, self.fc2_b)])
-        for linear, a, b in pairs:
-            linear.weight += (b.weight @ a.weight).to(linear.weight.dtype) * self.scaling
+    def merge(self, block) -> None:
+        """Add ``(alpha/r) B A`` to the frozen weights of ``block``; the tuner then must be detached."""
+        if self.op == 'mha':
+            w = block.attn.qkv.weight
+            w += ((self.lora_b.weight @ self.lora_a.weight) * self.scaling).to(w.dtype)
+        else:
+            for point, linear in (('fc1', block.mlp.fc1), ('fc2', block.mlp.fc2)):
+                linear.weight += self.delta_weight(point).to(linear.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f'op={self.op}, rank={self.rank}, scaling={self.scaling:g}'

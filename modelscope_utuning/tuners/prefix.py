@@ -8,37 +8,77 @@ Learnable keys and values ``K_pre, V_pre`` of shape ``(L, C)``, split into H hea
   ``lambda = sum_j exp(q k_pre_j / sqrt d) / (sum_i exp(q k_i / sqrt d) + sum_j exp(q k_pre_j / sqrt d))``.
 - parallel (P-Prefix, any OP): the mixing weight lambda becomes a free learned scale s and the prefix attention
   runs beside the OP: ``OP'(h) = OP(h) + s * Attn(Q, K_pre, V_pre)``, ``Q = W_q h`` through the block's frozen
-  MHA query projection (on the block OP: ``W_q norm1(x)``). No output projection is applied to the prefix
-  branch: ``V_pre`` is learned, so a fixed projection would add cost and nothing else. ``V_pre`` starts at zero.
+  MHA query projection (on the block OP: ``W_q norm1(x)``), joined as :mod:`.parallel` says. No output
+  projection is applied to the prefix branch: ``V_pre`` is learned, so a fixed projection would add cost and
+  nothing else. ``V_pre`` starts at zero.
 
 Trainable parameters: ``2 L C`` plus the scale's (parallel only).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .attention import attend, query_for, split_heads
+from ..backbone.hooks import OpContext
+from .attention import attend, split_heads
+from .base import Dims, register_tuner
+from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
 from .scale import Scale
+from .spec import legacy_size
 
 
-class Prefix(nn.Module):
+@register_tuner
+class Prefix(ParallelTuner):
+    kind = 'prefix'
+    Config = ParallelConfig
+    ops = ('mha', 'ffn', 'block')
+    forms = ('parallel', 'sequential')
+    default_op = 'mha'
+    size_keys = ('length', 'dim')
+    hub_names = (('attn.prefix.prefix_key', 'mha_prefix.key', 'sequential'),
+                 ('attn.prefix.prefix_value', 'mha_prefix.value', 'sequential'))
+    legacy_keys = ('prefix_length', 'prefix_type')
 
-    def __init__(self, dim: int, num_heads: int, length: int, op: str, form: str, scale: str = 'channel',
-                 scale_init: float = 1.0):
-        super().__init__()
-        self.op, self.form, self.num_heads = op, form, num_heads
-        self.combines_output = form == 'parallel'
-        self.key = nn.Parameter(torch.empty(1, length, dim))
-        self.value = nn.Parameter(torch.empty(1, length, dim))
+    @classmethod
+    def check(cls, spec) -> None:
+        if spec.form == 'sequential' and spec.op != 'mha':
+            spec.fail("a sequential prefix extends the MHA's keys and values: op must be 'mha' "
+                      "(use form 'parallel' for the ffn / block OPs)")
+        check_parallel_options(spec)
+
+    @classmethod
+    def num_trainable(cls, spec, size: int, dims: Dims) -> int:
+        C = dims.embed_dim
+        return 2 * size * C + (Scale.num_params(spec.scale, C) if spec.form == 'parallel' else 0)
+
+    @classmethod
+    def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        size = legacy_size(backbone_cfg, 'prefix_length')
+        return None if size is None else {'type': 'prefix', 'op': 'mha', 'form': 'sequential', 'length': size}
+
+    def __init__(self, spec, size: int, dims: Dims):
+        super().__init__(spec, size, dims)
+        C = dims.embed_dim
+        self.num_heads = dims.num_heads
+        self.key = nn.Parameter(torch.empty(1, size, C))
+        self.value = nn.Parameter(torch.empty(1, size, C))
         nn.init.xavier_uniform_(self.key)
-        if form == 'sequential':
+        if self.form == 'sequential':
             nn.init.xavier_uniform_(self.value)
+            self.points = ('extra_kv',)
         else:
             nn.init.zeros_(self.value)
-            self.scale = Scale(scale, dim, scale_init)
+            self._init_parallel(spec, C)
+            self.points = (self.op,)
+
+    def no_weight_decay(self) -> set:
+        return {'key', 'value'}
+
+    def borrows(self):
+        # On the mha OP the query is the attention's own: merging into W_q changes both alike.
+        return ('q',) if self.form == 'parallel' and self.op != 'mha' else ()
 
     def extra_kv(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sequential form: the prefix keys / values as (B, H, L, d), to concatenate inside the MHA."""
@@ -46,8 +86,6 @@ class Prefix(nn.Module):
         v = split_heads(self.value, self.num_heads).expand(batch, -1, -1, -1)
         return k, v
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor, block=None, q=None) -> torch.Tensor:
-        """Parallel form: ``y + s * Attn(W_q h, K_pre, V_pre)``."""
-        q = query_for(self.op, h, block, q)
-        u = attend(q, split_heads(self.key, self.num_heads), split_heads(self.value, self.num_heads))
-        return y + self.scale(h, u)
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        """Parallel form: ``Attn(W_q h, K_pre, V_pre)``."""
+        return attend(ctx.query(), split_heads(self.key, self.num_heads), split_heads(self.value, self.num_heads))

@@ -3,47 +3,94 @@
 Learnable prompt tokens ``P`` of shape ``(L, C)``.
 
 - sequential (original VPT-deep, block OP only, as the built-in computes it): the tokens join the sequence in
-  front of the block; the first prompted layer appends them at the end of the sequence, each later prompted
-  layer replaces the previous layer's prompt tokens with its own. They are then processed like image tokens.
+  front of the block (the ``tokens`` hook point); the first prompted layer appends them at the end of the
+  sequence, each later prompted layer replaces the previous layer's prompt tokens with its own. They are then
+  processed like image tokens.
 - parallel (P-Prompt, any OP): the prompts go through the block's frozen key / value projections and are
   attended by the frozen queries of the OP input:
-  ``OP'(h) = OP(h) + s * Attn(W_q h, W_k P + b_k, W_v P + b_v)`` (on the block OP ``W_q norm1(x)``).
-  The sequence length never changes, so it composes with any other tuner. ``s`` starts at zero.
+  ``OP'(h) = OP(h) + s * Attn(W_q h, W_k P + b_k, W_v P + b_v)`` (on the block OP ``W_q norm1(x)``), joined as
+  :mod:`.parallel` says. The sequence length never changes, so it composes with any other tuner. ``s`` starts
+  at zero.
 
 Trainable parameters: ``L C`` plus the scale's (parallel only).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from .attention import attend, query_for
+from ..backbone.hooks import OpContext, TokenState
+from .attention import attend
+from .base import Dims, register_tuner
+from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
 from .scale import Scale
+from .spec import legacy_size
 
 
-class Prompt(nn.Module):
+@register_tuner
+class Prompt(ParallelTuner):
+    kind = 'prompt'
+    Config = ParallelConfig
+    ops = ('mha', 'ffn', 'block')
+    forms = ('parallel', 'sequential')
+    default_op = 'block'
+    size_keys = ('length', 'dim')
+    hub_names = (('prompt.prompt_token', 'block_prompt.tokens', 'sequential'),)
+    legacy_keys = ('prompt_length', 'prompt_type')
+    default_scale_init = 0.0
 
-    def __init__(self, dim: int, length: int, op: str, form: str, scale: str = 'channel',
-                 scale_init: float = 0.0):
-        super().__init__()
-        self.op, self.form, self.length = op, form, length
-        self.combines_output = form == 'parallel'
-        self.tokens = nn.Parameter(torch.empty(1, length, dim))
+    @classmethod
+    def check(cls, spec) -> None:
+        if spec.form == 'sequential' and spec.op != 'block':
+            spec.fail("a sequential prompt adds tokens to the block input: op must be 'block' "
+                      "(use form 'parallel' for the mha / ffn OPs)")
+        check_parallel_options(spec)
+
+    @classmethod
+    def num_trainable(cls, spec, size: int, dims: Dims) -> int:
+        C = dims.embed_dim
+        return size * C + (Scale.num_params(spec.scale, C) if spec.form == 'parallel' else 0)
+
+    @classmethod
+    def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        size = legacy_size(backbone_cfg, 'prompt_length')
+        return None if size is None else {'type': 'prompt', 'op': 'block', 'form': 'sequential', 'length': size}
+
+    def __init__(self, spec, size: int, dims: Dims):
+        super().__init__(spec, size, dims)
+        self.length = size
+        self.tokens = nn.Parameter(torch.empty(1, size, dims.embed_dim))
         nn.init.xavier_uniform_(self.tokens)
-        if form == 'parallel':
-            self.scale = Scale(scale, dim, scale_init)
+        if self.form == 'parallel':
+            self._init_parallel(spec, dims.embed_dim)
+            self.points = (self.op,)
+        else:
+            self.points = ('tokens',)
 
-    def insert(self, x: torch.Tensor, n_prompt: int) -> Tuple[torch.Tensor, int]:
-        """Sequential form: ``(B, N, C) -> (B, N - n_prompt + L, C)``, replacing the previous prompts."""
-        if n_prompt:
-            x = x[:, :-n_prompt]
-        return torch.cat((x, self.tokens.expand(x.shape[0], -1, -1).to(x.dtype)), dim=1), self.length
+    def no_weight_decay(self) -> set:
+        return {'tokens'}
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor, block=None, q=None) -> torch.Tensor:
-        """Parallel form: ``y + s * Attn(W_q h, W_k P, W_v P)``."""
-        q = query_for(self.op, h, block, q)
-        tokens = self.tokens.to(h.dtype)
-        k, v = block.attn.project(tokens, 'k'), block.attn.project(tokens, 'v')
-        return y + self.scale(h, attend(q, k, v))
+    def borrows(self):
+        if self.form != 'parallel':
+            return ()
+        return ('k', 'v') if self.op == 'mha' else ('q', 'k', 'v')
+
+    # -- sequential: the tokens hook point ---------------------------------------------------------------------
+    def drops_rows(self, state: TokenState) -> int:
+        return state.appended
+
+    def edit_tokens(self, x: torch.Tensor, state: TokenState) -> torch.Tensor:
+        """``(B, N, C) -> (B, N - appended + L, C)``, replacing the previous layer's prompts."""
+        if state.appended:
+            x = x[:, :-state.appended]
+        state.appended = self.length
+        return torch.cat((x, self.tokens.expand(x.shape[0], -1, -1).to(x.dtype)), dim=1)
+
+    # -- parallel ----------------------------------------------------------------------------------------------
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        """``Attn(W_q h, W_k P + b_k, W_v P + b_v)``."""
+        attn = ctx.block.attn
+        tokens = self.tokens.to(ctx.h.dtype)
+        return attend(ctx.query(), attn.project(tokens, 'k'), attn.project(tokens, 'v'))

@@ -1,0 +1,90 @@
+"""What every parallel U-Tuner shares: ``OP'(h) = OP(h) + s * U(h)``, its scale ``s`` and where it joins.
+
+A parallel tuner computes a branch ``u = U(h)`` (B, n, C) from the OP input h; :class:`ParallelTuner` turns it
+into the OP's additive term ``delta = s(h) * u`` (see :mod:`.scale`) and says where that term joins the frozen
+computation (``join``, one option of every parallel entry):
+
+- ``residual`` (default): after the layer scale, measured in units of the residual stream it joins:
+  ``x' = x + OP(h) + rms(x) * s * U(h)`` with ``rms(x)`` the per-token root-mean-square of that stream (no
+  gradient flows through it). Why: the OP reads ``norm(x)``, so it is blind to the scale of ``x``, and a
+  pre-trained backbone's residual stream may have any scale (DINOv2 ViT-S/14's is 0.05-0.5 per channel in its
+  early layers; supervised ViTs grow to tens). A term in absolute units is then a negligible nudge on one
+  backbone and a rewrite of the features on another: one AdamW step at a common PETL learning rate
+  (2e-3) moved DINOv2's features by 35-40 % through a single P-Adapter. Measured in the residual's own units,
+  the same step is the same relative change on every backbone, with or without layer scale (the function
+  ``x -> k x`` applied to the embeddings and every OP output leaves a normalised ViT unchanged, and with it now
+  the tuned model and its gradients up to that factor).
+- ``layer_scale``: before the layer scale, like the frozen OP's own output, ``x' = x + gamma * (Attn(h) + s
+  U(h))`` (CaiT / DINOv2 blocks; the same as ``absolute`` where the OP has no layer scale, or on the block OP).
+- ``absolute``: ``x' = x + OP(h) + s * U(h)`` in absolute units (the literal formula; version 0.1's behaviour).
+
+Whatever the join, a parallel tuner starts silent: its branch or its scale starts at zero, so the tuned model
+equals the frozen one at step 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..backbone.hooks import OpContext
+from .base import Tuner, TunerConfig, option
+from .scale import SCALES, Scale
+
+JOINS = ('residual', 'layer_scale', 'absolute')
+DEFAULT_JOIN = 'residual'
+
+
+@dataclass
+class ParallelConfig(TunerConfig):
+    scale: str = option(None, "the learned scale s: 'none', 'scalar', 'channel' (default for the parallel form) "
+                              "or 'input' (s(h) = h w + b)", choices=SCALES)
+    scale_init: float = option(None, "the scale's initial value (default: the kind's)", init_only=True)
+    join: str = option(None, "where s U(h) joins: 'residual' (default: after the layer scale, in units of the "
+                             "residual stream), 'layer_scale' (before it) or 'absolute'", choices=JOINS)
+
+
+def check_parallel_options(spec) -> None:
+    """Scale and join belong to the parallel form only."""
+    o = spec.options
+    if spec.form == 'sequential':
+        if o.scale not in (None, 'none'):
+            spec.fail('the sequential (original) form has no learned scale; use form "parallel"')
+        if o.join is not None:
+            spec.fail('the sequential (original) form computes what the built-in computes; "join" is an option '
+                      'of the parallel form')
+        o.scale = 'none'
+    elif o.scale is None:
+        o.scale = 'channel'
+
+
+class ParallelTuner(Tuner):
+    """Base of the parallel forms: subclasses compute :meth:`branch`; ``combine`` adds ``delta``."""
+
+    bypass_forms = ('parallel',)
+    default_scale_init = 1.0
+
+    def _init_parallel(self, spec, dim: int) -> None:
+        o = spec.options
+        init = self.default_scale_init if o.scale_init is None else o.scale_init
+        self.scale = Scale(o.scale or 'channel', dim, init)
+        self.join = o.join or DEFAULT_JOIN
+
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        """``U(h)`` (B, n, C)."""
+        raise NotImplementedError
+
+    def delta(self, ctx: OpContext) -> torch.Tensor:
+        d = self.scale(ctx.h, self.branch(ctx))
+        if self.join == 'residual':
+            return d * ctx.residual_rms()
+        if self.join == 'layer_scale':
+            gamma = ctx.layer_scale()
+            return d if gamma is None else d * gamma
+        return d
+
+    def combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
+        return y + self.delta(ctx)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f', join={self.join}' if self.form == 'parallel' else '')

@@ -1,0 +1,109 @@
+"""The layout is the architecture: imports only go down the layers, and what a tuner kind is lives in its own file.
+
+Layers, lowest first (a module may import its own layer and those below it, never one above, not even inside a
+function):
+
+0. ``fileio``: file helpers.
+1. ``backbone``: the frozen ViT, its hook contract, the runner.
+2. ``tuners``: the tuner protocol, registry and kinds.
+3. ``checkpoint``: file formats (hub layout, tuner-only files, converters, merge, the load report).
+4. ``head``, ``backbone_config``, ``network``: the plain-torch classifier.
+5. the ModelScope glue: ``compat``, ``registration``, ``model``, ``pipeline``, ``preprocessing``, ``data``,
+   ``training``.
+6. the entry points: ``cli``, ``demo``, the package itself.
+"""
+import ast
+import os
+
+import pytest
+
+from modelscope_utuning.tuners import tuner_kinds
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'modelscope_utuning')
+LAYERS = [('fileio',), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
+          ('compat', 'registration', 'model', 'pipeline', 'preprocessing', 'data', 'training'),
+          ('cli', 'demo', '__main__', '__init__')]
+
+
+def layer_of(module: str) -> int:
+    """``modelscope_utuning.tuners.adapter`` -> 2."""
+    top = module.split('.')[1] if '.' in module else '__init__'
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f'{module}: not in any layer; add it to LAYERS')
+
+
+def modules():
+    for folder, _, files in os.walk(ROOT):
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(folder, name)
+                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, '.')
+                yield path, rel[:-len('.__init__')] if rel.endswith('.__init__') else rel
+
+
+def imports(path: str, module: str):
+    """Absolute names of the package's modules that ``path`` imports (anywhere in the file)."""
+    package = module if path.endswith('__init__.py') else module.rsplit('.', 1)[0]
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split('.')
+                base = base[:len(base) - node.level + 1]
+                target = '.'.join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ''
+            if target.startswith('modelscope_utuning'):
+                names = [f'{target}.{a.name}' for a in node.names]
+                yield from (n if os.path.exists(os.path.join(os.path.dirname(ROOT), *n.split('.')) + '.py')
+                            or os.path.isdir(os.path.join(os.path.dirname(ROOT), *n.split('.'))) else target
+                            for n in names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith('modelscope_utuning'):
+                    yield a.name
+
+
+ALL = sorted(modules(), key=lambda m: m[1])
+
+
+@pytest.mark.parametrize('path,module', ALL, ids=[m for _, m in ALL])
+def test_imports_only_go_down(path, module):
+    mine = layer_of(module)
+    up = sorted({t for t in imports(path, module) if t != 'modelscope_utuning' and layer_of(t) > mine})
+    assert not up, f'{module} (layer {mine}) imports from higher layers: {up}'
+
+
+def _string_constants(path: str):
+    tree = ast.parse(open(path, encoding='utf-8').read())
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value
+
+
+# Where a kind's name may appear outside its own file, and why.
+ALLOWED = {('modelscope_utuning.model', 'lora'): 'merge_lora() / has_lora() are LoRA by name (public API)',
+           ('modelscope_utuning.cli', 'lora'): '--merge-lora names its kind'}
+USERS = ('modelscope_utuning.demo',)  # writes a configuration: uses tuners, knows nothing about them
+
+
+def test_kind_names_and_legacy_keys_live_in_their_own_file():
+    kinds = tuner_kinds()
+    facts = {}
+    for kind, cls in kinds.items():
+        for word in (kind,) + tuple(cls.legacy_keys):
+            facts[word] = cls.__module__
+    leaks = []
+    for path, module in ALL:
+        if module in USERS:
+            continue
+        for value in set(_string_constants(path)):
+            owner = facts.get(value)
+            if owner and owner != module and (module, value) not in ALLOWED:
+                leaks.append(f'{module}: {value!r} (owned by {owner})')
+    assert not leaks, 'tuner knowledge outside its file:\n  ' + '\n  '.join(sorted(leaks))
