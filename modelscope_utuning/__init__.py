@@ -4,7 +4,7 @@ Importing the package gives our model, preprocessor, pipeline, trainer and metri
 ``vision-efficient-tuning`` names; each module loads when ModelScope first builds it (see
 :mod:`modelscope_utuning.registration`).
 """
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 try:
     from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)

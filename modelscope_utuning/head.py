@@ -15,6 +15,11 @@ class ClassifierHead(nn.Module):
         self.dim, self.num_classes = dim, num_classes
         self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
         self.fc = nn.Linear(dim, num_classes)
+        # A fresh head starts at zero (uniform predictions; timm / MAE fine-tuning practice): a random head on a
+        # backbone's large-norm features sends the loss to several times log(C) in the first steps, and its
+        # gradient then pushes every tuner in a random direction. Loaded heads are not affected.
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(x))

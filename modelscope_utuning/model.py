@@ -19,6 +19,7 @@ from modelscope.models.base import TorchModel
 from .backbone.vit import VisionTransformer
 from .checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub, read_checkpoint
 from .checkpoint.merge import has_tuners, merge_block_tuners
+from .fileio import read_json_object
 from .head import ClassifierHead
 from .network import VisionEfficientTuning
 from .registration import register_class
@@ -59,7 +60,7 @@ class VisionEfficientTuningModel(TorchModel):
         ckpt_path = os.path.join(model_dir, CHECKPOINT_FILE) if model_dir else None
         ckpt = read_checkpoint(ckpt_path) if pretrained and ckpt_path and os.path.isfile(ckpt_path) else None
 
-        backbone_cfg = dict(backbone or (ckpt or {}).get('backbone_cfg') or {})
+        backbone_cfg = _version_defaults(dict(backbone or (ckpt or {}).get('backbone_cfg') or {}), model_dir)
         head_cfg = dict(head or (ckpt or {}).get('head_cfg') or {})
         if ckpt is not None:
             _fill_from_checkpoint(backbone_cfg, head_cfg, ckpt)
@@ -198,6 +199,31 @@ class VisionEfficientTuningModel(TorchModel):
         """A model from a tuner-only export and the base backbone weights (see
         :meth:`VisionEfficientTuning.from_tuners`)."""
         return cls.from_network(VisionEfficientTuning.from_tuners(folder, pretrained_weights), freeze_cfg=freeze_cfg)
+
+
+def _version_defaults(backbone_cfg: Dict[str, Any], model_dir: Optional[str]) -> Dict[str, Any]:
+    """A folder saved by modelscope-utuning 0.1 (``utuning.version`` in its configuration.json) meant parallel
+    tuners in the literal parametrization: entries that do not say where they join get ``join: absolute``."""
+    path = os.path.join(model_dir, 'configuration.json') if model_dir else None
+    if not backbone_cfg.get('tuners') or not path or not os.path.isfile(path):
+        return backbone_cfg
+    try:
+        version = str((read_json_object(path).get('utuning') or {}).get('version', ''))
+    except ValueError:
+        return backbone_cfg
+    if not version.startswith('0.1'):
+        return backbone_cfg
+    import dataclasses
+    from .tuners.base import tuner_kinds
+    kinds = tuner_kinds()
+    entries = []
+    for e in backbone_cfg['tuners']:
+        cls = kinds.get(e.get('type')) if isinstance(e, dict) else None
+        takes_join = cls is not None and 'join' in {f.name for f in dataclasses.fields(cls.Config)}
+        if takes_join and e.get('form', cls.default_form) == 'parallel' and 'join' not in e:
+            e = dict(e, join='absolute')
+        entries.append(e)
+    return dict(backbone_cfg, tuners=entries)
 
 
 def _fill_from_checkpoint(backbone_cfg: Dict[str, Any], head_cfg: Dict[str, Any], ckpt: Dict[str, Any]) -> None:

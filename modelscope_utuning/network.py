@@ -51,6 +51,7 @@ class VisionEfficientTuning(nn.Module):
         super().__init__()
         self.backbone_config = dict(backbone_cfg or {})
         vit_kwargs, entries, extras = split_backbone_config(self.backbone_config)
+        self._n_explicit = len(self.backbone_config.get('tuners') or [])
         self.backbone = VisionTransformer(**vit_kwargs)
         self.specs: List[TunerSpec] = parse_tuners(entries, self.backbone.depth, self.backbone.embed_dim)
         attach_block_tuners(self.backbone, self.specs)
@@ -340,8 +341,24 @@ class VisionEfficientTuning(nn.Module):
             self.backbone_config = without_kinds(self.backbone_config, merged)
         return merged
 
-    def copy_config(self) -> Dict[str, Any]:
-        return copy.deepcopy(self.backbone_config)
+    def resolved_backbone_config(self) -> Dict[str, Any]:
+        """``backbone_config`` with each explicit tuner entry completed by the options it was built with (``join``,
+        ``scale`` ...), so that a saved model means the same to a later version whose defaults differ. Options
+        that only set initial values are left as written."""
+        import dataclasses
+        cfg = copy.deepcopy(self.backbone_config)
+        if not cfg.get('tuners'):
+            return cfg
+        resolved = []
+        for spec in self.specs[:self._n_explicit]:
+            entry = dict(spec.source)
+            for f in dataclasses.fields(spec.options):
+                value = getattr(spec.options, f.name)
+                if f.name not in entry and value is not None and not f.metadata.get('init_only'):
+                    entry[f.name] = value
+            resolved.append(entry)
+        cfg['tuners'] = resolved
+        return cfg
 
 
 def _module_path(key: str) -> str:

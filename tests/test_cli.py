@@ -314,8 +314,11 @@ def test_train_a_preset_shrunk_by_overrides(tmp_path, images, capsys):
     assert code == 0, err
     assert 'random initialisation' in err  # no weights: said, not hidden
     saved = json.loads((work / 'output' / 'configuration.json').read_text())
-    assert saved['model']['backbone']['tuners'] == json.loads(open(presets['utuning_tri']).read())[
-        'model']['backbone']['tuners']
+    preset_tuners = json.loads(open(presets['utuning_tri']).read())['model']['backbone']['tuners']
+    saved_tuners = saved['model']['backbone']['tuners']
+    # the preset's entries, each completed by the options it was built with, so later defaults cannot change it
+    assert [{k: e[k] for k in p} for e, p in zip(saved_tuners, preset_tuners)] == preset_tuners
+    assert all(e['join'] == 'residual' and e['scale'] == 'channel' for e in saved_tuners)
     assert saved['model']['head']['num_classes'] == 3 and saved['model']['backbone']['embed_dim'] == 32
 
 

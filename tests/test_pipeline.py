@@ -42,8 +42,8 @@ def make_model_dir(folder, img_size=32, classes=CLASSES, preprocessor=None, fram
         json.dump(cfg, f)
     torch.manual_seed(seed)
     model = VisionEfficientTuningModel(model_dir=None, backbone=backbone, head={'num_classes': 5}, CLASSES=classes)
-    with torch.no_grad():  # spread the logits so that the top-k order is not a tie
-        model.head.fc.weight.mul_(20)
+    with torch.no_grad():  # a trained-looking head whose logits are spread, so that the top-k order is not a tie
+        model.head.fc.weight.normal_(0, 4, generator=torch.Generator().manual_seed(seed))
     model.save_hub_checkpoint(str(folder))
     return str(folder)
 

@@ -445,7 +445,8 @@ def test_parallel_prefix_and_prompt_borrow_frozen_projections(op):
 
 
 def test_parallel_adapter_equation():
-    """P-Adapter: OP'(h) = OP(h) + s * W_up act(W_down h + b) + ..., sequential: OP'(h) = OP(h) + A(OP(h))."""
+    """P-Adapter: OP'(h) = OP(h) + s * (W_up act(W_down h + b) + b_up) / r (alone, no residual stream: units of 1);
+    sequential: OP'(h) = OP(h) + A(OP(h))."""
     torch.manual_seed(0)
     model = build([{'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 4, 'scale': 'channel'},
                    {'type': 'adapter', 'op': 'mha', 'form': 'sequential', 'dim': 4}])
@@ -454,7 +455,7 @@ def test_parallel_adapter_equation():
     with torch.no_grad():
         h = torch.randn(2, N_TOKENS, C)
         a = block.ffn_adapter
-        want = block.mlp(h) + a.scale.weight * a.up(F.gelu(a.down(h)))
+        want = block.mlp(h) + a.scale.weight * a.up(F.gelu(a.down(h))) / 4   # U = A(h) / r, r = 4
         torch.testing.assert_close(block.ffn(h), want, atol=1e-6, rtol=0)
         s = block.mha_adapter
         y = block.attn(h)

@@ -16,10 +16,13 @@ from ..fileio import atomic_write, write_text_atomic
 PLUGIN_PACKAGE = 'modelscope-utuning'
 
 
-def output_configuration(cfg: Dict, num_classes: int) -> Dict:
-    """The training configuration, made fit for reloading the trained weights as they are."""
+def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] = None) -> Dict:
+    """The training configuration, made fit for reloading the trained weights as they are; ``backbone``: the
+    model's resolved backbone configuration (every tuner option written out)."""
     cfg = copy.deepcopy(cfg)
     model = cfg.setdefault('model', {})
+    if backbone is not None:
+        model['backbone'] = copy.deepcopy(backbone)
     model['finetune'] = False  # reloading must keep the trained head
     model.get('backbone', {}).pop('pretrained_weights', None)  # the checkpoint holds the backbone
     model.setdefault('head', {})['num_classes'] = num_classes
@@ -119,7 +122,7 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
     if os.path.lexists(stale):
         os.remove(stale)
     model.model.save_tuners(output_dir)
-    out_cfg = output_configuration(cfg, model.head.num_classes)
+    out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
     write_text_atomic(os.path.join(output_dir, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
     write_card(model, out_cfg, output_dir, eval_results, log_json)
     return output_dir

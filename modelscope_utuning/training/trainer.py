@@ -11,6 +11,7 @@ Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp1
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, Optional
 
@@ -29,13 +30,14 @@ from modelscope.utils.torch_utils import is_master
 from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
-from .defaults import add_warmup, apply_defaults
+from .defaults import DEFAULT_HEAD_LR, apply_defaults
 from .distributed import DataParallelHook
 from .export import export_output, output_configuration, write_card
 from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
+from .warmup import StepWarmup, warmup_iters
 
 logger = get_logger()
 
@@ -99,13 +101,10 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     # -- configuration -----------------------------------------------------------------------------------
     def rebuild_config(self, cfg):
-        default_schedule = cfg.safe_get('train.lr_scheduler') is None
         cfg = apply_defaults(cfg)
         cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
         # before the model and data are built, so that their memory already follows the setting
         self.cpu_allocator_changed = use_cpu_allocator(cfg.safe_get('train.cpu_allocator') or 'default')
-        if default_schedule:  # our cosine schedule warms up over the first tenth of the epochs (>= 1)
-            add_warmup(cfg)
         hooks = [h.get('type') for h in (cfg.safe_get('train.hooks') or [])]
         if getattr(self, '_has_eval_data', False) and 'EvaluationHook' not in hooks \
                 and cfg.safe_get('evaluation.period') is None:
@@ -162,9 +161,11 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, cfg: ConfigDict, default_args: dict = None):
         cfg = ConfigDict(dict(cfg))
+        lr = cfg.get('lr', 1e-3)
         head_lr = cfg.pop('head_lr', None)
-        groups = param_groups(self.unwrap_module(self.model), cfg.get('lr', 1e-3), cfg.get('weight_decay', 0.0),
-                              head_lr)
+        if head_lr is None:  # a fresh head learns at the linear probe's rate (see defaults.DEFAULT_HEAD_LR)
+            head_lr = max(lr, DEFAULT_HEAD_LR)
+        groups = param_groups(self.unwrap_module(self.model), lr, cfg.get('weight_decay', 0.0), head_lr)
         for g in groups:
             g.pop('names')
         from modelscope.trainers.optimizer.builder import build_optimizer
@@ -172,7 +173,14 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     def create_optimizer_and_scheduler(self):
         optimizer, lr_scheduler, optim_options, lr_options = super().create_optimizer_and_scheduler()
-        return optimizer, lr_scheduler, optim_options, warmup_options(lr_options)  # compat.py, 4.
+        lr_options = warmup_options(lr_options)  # compat.py, 4.
+        total = self.max_epochs * self.iters_per_epoch
+        cumulative = max(1, int((optim_options or {}).get('cumulative_iters', 1) or 1))
+        n = warmup_iters(self.cfg.safe_get('train.warmup'), math.ceil(total / cumulative),
+                         has_own_warmup=bool((lr_options or {}).get('warmup')))
+        if n:
+            self.warmup = StepWarmup(optimizer, n, lambda: self._iter // cumulative)
+        return optimizer, lr_scheduler, optim_options, lr_options
 
     def train_step(self, model, inputs):
         """Forward under the chosen precision; the loss is logged averaged over ranks on any device (the base
@@ -232,7 +240,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         if is_master() and os.path.isfile(os.path.join(out, 'configuration.json')) and \
                 os.path.isfile(os.path.join(out, ModelFile.TORCH_MODEL_FILE)):
             model = self.model_unwrapped  # refresh only the model card with these results
-            write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes), out,
+            write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes,
+                                                   model.model.resolved_backbone_config()), out,
                        self.last_eval, self._log_json)
         return results
 

@@ -3,8 +3,15 @@
 ``A(z) = W_up act(W_down z + b_down) + b_up`` with ``W_down: C -> r``, ``W_up: r -> C``.
 
 - sequential (the original adapter, as ModelScope's built-in computes it): ``OP'(h) = OP(h) + A(OP(h))``
-- parallel (P-Adapter): ``OP'(h) = OP(h) + s * A(h)``, joined as :mod:`.parallel` says. ``W_up`` and
-  ``b_up`` start at zero, so the tuned model starts exactly at the frozen one.
+- parallel (P-Adapter): ``OP'(h) = OP(h) + s * U(h)`` with ``U(h) = A(h) / r``, joined as :mod:`.parallel` says.
+  ``W_up`` and ``b_up`` start at zero, so the tuned model starts exactly at the frozen one.
+
+  Why ``1 / r``: an AdamW step moves every entry of ``W_up`` by about the learning rate, in a direction common to
+  all tokens, so ``A(h)`` moves by about ``lr * r * mean|act|``: r times more than a prefix's value or a prompt's
+  scale moves, and r-dependent. Averaging over the r hidden units makes one step change U by ``lr * mean|act|``
+  whatever r, the same order as the other parallel tuners, so one learning rate suits them together (the
+  tri-tuner). Measured on DINOv2 ViT-S/14 (10-shot, 112 px, no warm-up, lr 1e-2): 33 % test accuracy without the
+  factor, 67 % with it. (``join: absolute`` is version 0.1's parametrization, without the factor.)
 
 Trainable parameters: ``2 C r + r + C`` plus the scale's (parallel only).
 """
@@ -78,7 +85,8 @@ class Adapter(ParallelTuner):
         return self.up(self.act(self.down(z)))
 
     def branch(self, ctx: OpContext) -> torch.Tensor:
-        return self.adapt(ctx.h)
+        u = self.adapt(ctx.h)
+        return u if self.join == 'absolute' else u * (1.0 / self.size)
 
     def combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
         """``h``: the OP input, ``y = OP(h)``; both (B, n, C). Returns ``OP'(h)``."""

@@ -10,7 +10,9 @@ Learnable prompt tokens ``P`` of shape ``(L, C)``.
   attended by the frozen queries of the OP input:
   ``OP'(h) = OP(h) + s * Attn(W_q h, W_k P + b_k, W_v P + b_v)`` (on the block OP ``W_q norm1(x)``), joined as
   :mod:`.parallel` says. The sequence length never changes, so it composes with any other tuner. ``s`` starts
-  at zero.
+  at zero. The tokens start as draws of N(0, 1), the statistics of the normalised tokens the frozen projections
+  were trained on, so that their keys and values differ from one another from the first step (small initial tokens
+  would all project to about ``b_k`` / ``b_v``: the branch would add one and the same vector to every token).
 
 Trainable parameters: ``L C`` plus the scale's (parallel only).
 """
@@ -62,11 +64,15 @@ class Prompt(ParallelTuner):
         super().__init__(spec, size, dims)
         self.length = size
         self.tokens = nn.Parameter(torch.empty(1, size, dims.embed_dim))
-        nn.init.xavier_uniform_(self.tokens)
         if self.form == 'parallel':
             self._init_parallel(spec, dims.embed_dim)
+            if self.join == 'absolute':
+                nn.init.xavier_uniform_(self.tokens)
+            else:
+                nn.init.normal_(self.tokens)
             self.points = (self.op,)
         else:
+            nn.init.xavier_uniform_(self.tokens)  # the built-in's initialisation
             self.points = ('tokens',)
 
     def no_weight_decay(self) -> set:
