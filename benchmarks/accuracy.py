@@ -1,24 +1,26 @@
-"""Few-shot accuracy of the tuning methods on a real pretrained backbone and real data.
+"""Few-shot accuracy of the tuning methods on a real pre-trained backbone and real data, over a learning-rate sweep.
 
-    python benchmarks/accuracy.py                         # every method, the settings below
-    python benchmarks/accuracy.py --methods linear utuning_tri --seeds 0 1 --epochs 20
+    python benchmarks/accuracy.py                                   # every method x lr x seed below
+    python benchmarks/accuracy.py --methods linear utuning_tri --lrs 1e-3 1e-2 --seeds 0
+    python benchmarks/accuracy.py --render-only                     # rewrite the README table from the results
 
 Backbone: DINOv2 ViT-S/14 (Hugging Face layout, ``--weights``; made by ``../shared/tools/real_backbone.py``),
-loaded through ``model.backbone.pretrained_weights`` of configuration.json and run at ``--img-size`` 56 (4x4
-patches, position embedding resampled by the package). Data: Fashion-MNIST (IDX files, ``--data``): ``--shots``
-images per class for training, drawn with the seed from the official train split, and ``--test-per-class``
-images per class (balanced) from the official test split, also drawn with the seed. The images are written as
-grayscale PNGs in an image-folder layout (one sub-directory per class); the package's loader makes them RGB.
+loaded through ``model.backbone.pretrained_weights`` of configuration.json, run at ``--img-size`` 112 (8 x 8
+patches; the position embedding is resampled by the package). Data: Fashion-MNIST (IDX files, ``--data``):
+``--shots`` images per class for training, drawn with the seed from the official train split, and
+``--test-per-class`` images per class (balanced) from the official test split, also drawn with the seed. The
+images are written as grayscale PNGs in an image-folder layout; the package's loader makes them RGB.
 
-Every method goes through the public API only: a model directory holding configuration.json alone (no
-pytorch_model.pt; ``pretrained_weights`` = the DINOv2 file; head ``num_classes`` 10), then
-``build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(model=dir, work_dir=..., train_dataset=
-folder, eval_dataset=folder, cfg_modify_fn=...))``, ``.train()``, ``.evaluate()``. ``cfg_modify_fn`` sets the
-method (legacy ``*_length`` keys as ModelScope's own tests do, or ``model.backbone.tuners``) and the schedule,
-which is the same for every method except full fine-tuning's backbone learning rate.
-
-Results go to ``--out`` (JSON; entries of earlier runs with the same settings are kept unless re-run) and the
-table between the markers in benchmarks/README.md (``--readme``). One training process at a time.
+Every run goes through the public API only: a model directory holding configuration.json alone (no weights
+beside it; ``pretrained_weights`` = the DINOv2 file; head ``num_classes`` 10), then ``build_trainer(name=
+Trainers.vision_efficient_tuning, default_args=dict(model=dir, work_dir=..., train_dataset=folder, eval_dataset=
+folder, cfg_modify_fn=...))``, ``.train()``, one evaluation at the end. ``cfg_modify_fn`` sets the method (legacy
+``*_length`` keys as ModelScope's own tests do, or ``model.backbone.tuners``) and the learning rate; everything
+else is the trainer's default (AdamW, cosine by epoch, the trainer's warm-up over the first 10 % of the steps, the
+head's own learning rate max(lr, 1e-2)), except ``--precision``. Tuner methods and the linear probe sweep
+``--lrs`` (for the probe that is the head's rate, ``head_lr`` set to it); full fine-tuning sweeps ``--full-lrs`` for the backbone (head at
+the default). Results go to ``--out`` (JSON: every run with its command, loss and timings; runs of other
+settings are kept apart) and the table between the markers in benchmarks/README.md. One run at a time.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = '/tmp/dinov2_vits14.safetensors'
 DEFAULT_DATA = '/usr/share/datasets/fashion-mnist'
-DEFAULT_OUT = os.path.join(HERE, 'results', 'accuracy.json')
+DEFAULT_OUT = os.path.join(HERE, 'results', 'accuracy_sweep.json')
 README = os.path.join(HERE, 'README.md')
 SECTION = '## Accuracy (real backbone, Fashion-MNIST few-shot)'
 TABLE_START, TABLE_END = '<!-- accuracy-table:start -->', '<!-- accuracy-table:end -->'
@@ -54,16 +56,16 @@ BACKBONE = {'patch_size': 14, 'embed_dim': 384, 'depth': 12, 'num_heads': 6, 'in
             'norm_eps': 1e-6, 'qkv_bias': True, 'global_pool': 'token'}
 
 TUNER_SIZE = 10  # adapter dim, prefix / prompt length, LoRA rank: ModelScope's tests use 10 for all of them
-P_ADAPTER_MHA = {'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': TUNER_SIZE, 'scale': 'channel'}
-P_ADAPTER_FFN = {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': TUNER_SIZE, 'scale': 'channel'}
-P_PREFIX_BLOCK = {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': TUNER_SIZE, 'scale': 'channel',
-                  'layers': 'all'}
+P_ADAPTER_MHA = {'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': TUNER_SIZE}
+P_ADAPTER_FFN = {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': TUNER_SIZE}
+P_PREFIX_BLOCK = {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': TUNER_SIZE}
+TRI = [P_ADAPTER_MHA, P_ADAPTER_FFN, P_PREFIX_BLOCK]
+VERTICAL = {'type': 'vertical', 'dim': TUNER_SIZE}
 
-# name -> (label, edit of cfg.model), in table order.
+# name -> (label, edit of cfg.model), in table order. Methods whose tuner kind this package version lacks are
+# skipped with a note.
 METHODS: Dict[str, Any] = {
     'linear': ('Linear probing (head only)', {}),
-    # Linear probing is convex and under-fits in 60 steps at the shared head lr: also give it its own.
-    'linear_hlr': ('Linear probing, own head lr 1e-2', {'head_lr': 1e-2}),
     'full': ('Full fine-tuning', {'freeze_cfg': {'train_part': {'backbone': ['']}}}),
     'adapter': ('Adapter (original: sequential, ffn, dim 10)', {'legacy': ('adapter_length', TUNER_SIZE)}),
     'prefix': ('Prefix (original: sequential, mha, length 10)', {'legacy': ('prefix_length', TUNER_SIZE)}),
@@ -71,11 +73,22 @@ METHODS: Dict[str, Any] = {
     'lora': ('LoRA (qkv, rank 10)', {'legacy': ('lora_length', TUNER_SIZE)}),
     'utuning_single': ('U-Tuning single: P-Adapter ffn', {'tuners': [P_ADAPTER_FFN]}),
     'utuning_dual': ('U-Tuning dual: P-Adapter mha + ffn', {'tuners': [P_ADAPTER_MHA, P_ADAPTER_FFN]}),
-    'utuning_tri': ('U-Tuning tri: P-Adapter mha + ffn + P-Prefix block',
-                    {'tuners': [P_ADAPTER_MHA, P_ADAPTER_FFN, P_PREFIX_BLOCK]}),
-    'utuning_tri_bypass': ('U-Tuning tri, bypass (side path on detached features)',
-                           {'tuners': [P_ADAPTER_MHA, P_ADAPTER_FFN, P_PREFIX_BLOCK], 'bypass': True}),
+    'utuning_tri': ('U-Tuning tri: P-Adapter mha + ffn + P-Prefix block', {'tuners': TRI}),
+    'utuning_tri_bypass': ('U-Tuning tri, bypass (lateral side path only)', {'tuners': TRI, 'bypass': True}),
+    'utuning_tri_bypass_vertical': ('U-Tuning tri, bypass + vertical tuner (Res-Tuning-Bypass)',
+                                    {'tuners': TRI + [VERTICAL], 'bypass': True}),
+    'ssf': ('SSF (scale & shift on mha + ffn)', {'tuners': [{'type': 'ssf', 'op': 'mha'}, {'type': 'ssf', 'op': 'ffn'}]}),
+    'repadapter': ('RepAdapter (linear, before mha + ffn, dim 10)',
+                   {'tuners': [{'type': 'repadapter', 'op': 'mha', 'dim': TUNER_SIZE},
+                               {'type': 'repadapter', 'op': 'ffn', 'dim': TUNER_SIZE}]}),
 }
+TUNER_LRS = [5e-4, 1e-3, 2e-3, 5e-3, 1e-2]
+FULL_LRS = [1e-5, 3e-5, 1e-4, 3e-4]
+
+
+def kinds_of(method: str) -> List[str]:
+    edit = METHODS[method][1]
+    return [e['type'] for e in edit.get('tuners', [])]
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -139,7 +152,7 @@ def base_configuration(weights: str, img_size: int) -> Dict[str, Any]:
                       'train': {'scale': [0.75, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}})
 
 
-def make_cfg_modify_fn(method: str, s: argparse.Namespace) -> Callable:
+def make_cfg_modify_fn(method: str, lr: float, s: argparse.Namespace) -> Callable:
     edit = METHODS[method][1]
 
     def cfg_modify_fn(cfg):
@@ -157,35 +170,37 @@ def make_cfg_modify_fn(method: str, s: argparse.Namespace) -> Callable:
             cfg.model.backbone.bypass = True
         if 'freeze_cfg' in edit:
             cfg.model.freeze_cfg = copy.deepcopy(edit['freeze_cfg'])
-        # ... and one schedule for all (full fine-tuning: a smaller backbone lr, same head lr).
-        cfg.train.optimizer = {'type': 'AdamW', 'lr': s.full_lr if method == 'full' else s.lr,
-                               'head_lr': edit.get('head_lr', s.head_lr), 'weight_decay': s.weight_decay}
-        cfg.train.amp = 'fp32'
+        # ... and the learning rate; everything else stays the trainer's default.
+        cfg.train.optimizer.lr = lr
+        if method == 'linear':  # the probe sweeps the head's own rate
+            cfg.train.optimizer.head_lr = lr
+        cfg.train.amp = s.precision
         cfg.train.dataloader.batch_size_per_gpu = s.batch
         cfg.train.dataloader.workers_per_gpu = 0
         cfg.evaluation.dataloader.batch_size_per_gpu = 100
         cfg.evaluation.dataloader.workers_per_gpu = 0
+        cfg.evaluation.period = {'interval': s.epochs}  # one evaluation, at the end
         cfg.train.checkpoint = {'period': {'interval': s.epochs}}  # one epoch_N.pth, at the end
         cfg.train.logging = {'interval': 1}
         return cfg
     return cfg_modify_fn
 
 
-def bypass_available() -> bool:
-    from modelscope_utuning import backbone_config
-    return 'bypass' in getattr(backbone_config, 'OUR_KEYS', ())
+def available(method: str) -> bool:
+    from modelscope_utuning.tuners import tuner_kinds
+    return all(k in tuner_kinds() for k in kinds_of(method))
 
 
 # -- running -----------------------------------------------------------------------------------------------------
-def run_method(method: str, seed: int, s: argparse.Namespace, train_dir: str, test_dir: str, scratch: str
-               ) -> Dict[str, Any]:
+def run_one(method: str, lr: float, seed: int, s: argparse.Namespace, train_dir: str, test_dir: str,
+            scratch: str) -> Dict[str, Any]:
     import torch
     from modelscope.metainfo import Trainers
     from modelscope.trainers import build_trainer
     import modelscope_utuning  # noqa: F401  (registers the plugin)
 
-    model_dir = os.path.join(scratch, f'{method}_s{seed}_model')
-    work_dir = os.path.join(scratch, f'{method}_s{seed}_work')
+    tag = f'{method}_lr{lr:g}_s{seed}'
+    model_dir, work_dir = os.path.join(scratch, tag + '_model'), os.path.join(scratch, tag + '_work')
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
         json.dump(base_configuration(s.weights, s.img_size), f, indent=2)
@@ -193,33 +208,37 @@ def run_method(method: str, seed: int, s: argparse.Namespace, train_dir: str, te
     t0 = time.perf_counter()
     trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
         model=model_dir, work_dir=work_dir, train_dataset=train_dir, eval_dataset=test_dir,
-        cfg_modify_fn=make_cfg_modify_fn(method, s), seed=seed))
+        cfg_modify_fn=make_cfg_modify_fn(method, lr, s), seed=seed))
     t1 = time.perf_counter()
     trainer.train()
     t2 = time.perf_counter()
-    result = trainer.evaluate()
+    result = dict(trainer.metric_values or {})
+    if 'accuracy' not in result:
+        result = trainer.evaluate()
     t3 = time.perf_counter()
-    trainable, total = trainer.model_unwrapped.trainable_parameters()
-    head = sum(p.numel() for p in trainer.model_unwrapped.head.parameters())
+    model = trainer.model_unwrapped
+    trainable, total = model.trainable_parameters()
+    head = sum(p.numel() for p in model.head.parameters())
     losses = []
     log_json = os.path.join(work_dir, f'{trainer.timestamp}.log.json')
     if os.path.isfile(log_json):
         with open(log_json) as f:
             losses = [r['loss'] for r in map(json.loads, filter(str.strip, f)) if r.get('mode') == 'train'
                       and 'loss' in r]
+    groups = {g.get('initial_lr', g.get('lr')) for g in trainer.optimizer.param_groups}
     entry = {
-        'method': method, 'label': METHODS[method][0], 'seed': seed,
+        'method': method, 'label': METHODS[method][0], 'lr': lr, 'seed': seed,
         'top1': float(result['accuracy']),
         'top5': float(result['top5-accuracy']) if 'top5-accuracy' in result else None,
-        'eval': {k: float(v) for k, v in result.items()},
         'trainable_params': int(trainable), 'trainable_params_excl_head': int(trainable - head),
-        'total_params': int(total),
+        'total_params': int(total), 'optimizer_lrs': sorted(float(x) for x in groups),
         'build_s': round(t1 - t0, 1), 'train_s': round(t2 - t1, 1), 'eval_s': round(t3 - t2, 1),
-        'wall_s': round(t3 - t0, 1),
         'first_loss': losses[0] if losses else None, 'last_loss': losses[-1] if losses else None,
-        'lr': s.full_lr if method == 'full' else s.lr,
-        'head_lr': METHODS[method][1].get('head_lr', s.head_lr),
-        'command': 'python benchmarks/accuracy.py ' + ' '.join(sys.argv[1:]),
+        'min_loss': min(losses) if losses else None, 'nan': any(not np.isfinite(v) for v in losses),
+        'command': f'python benchmarks/accuracy.py --methods {method} --lrs {lr:g} --seeds {seed}'
+                   + (f' --precision {s.precision}' if s.precision != 'fp32' else '')
+                   + (f' --img-size {s.img_size}' if s.img_size != 112 else '')
+                   + (f' --epochs {s.epochs}' if s.epochs != 15 else ''),
     }
     if not s.keep:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -227,84 +246,103 @@ def run_method(method: str, seed: int, s: argparse.Namespace, train_dir: str, te
     return entry
 
 
+def lscpu() -> Dict[str, str]:
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return {}
+    info = dict(line.split(':', 1) for line in out.splitlines() if ':' in line)
+    flags = info.get('Flags', '').split()
+    keep = [f for f in flags if f.startswith(('avx', 'amx')) or f in ('fma', 'f16c')]
+    return {'model_name': info.get('Model name', '').strip(), 'flags': ' '.join(keep)}
+
+
 def machine_info(threads: int) -> Dict[str, Any]:
     import torch
     import modelscope
-    model_name = None
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
-        model_name = next((line.split(':', 1)[1].strip() for line in out.splitlines()
-                           if line.startswith('Model name')), None)
-    except OSError:
-        pass
-    return {'cpu': model_name or platform.processor(), 'logical_cpus': os.cpu_count(), 'torch': torch.__version__,
-            'torch_threads': threads, 'modelscope': modelscope.__version__, 'python': platform.python_version(),
-            'note': 'CPUs shared with other jobs: wall times are indicative only'}
+    cpu = lscpu()
+    return {'cpu': cpu.get('model_name') or platform.processor(), 'cpu_flags': cpu.get('flags', ''),
+            'logical_cpus': os.cpu_count(), 'torch': torch.__version__, 'torch_threads': threads,
+            'modelscope': modelscope.__version__, 'python': platform.python_version(),
+            'note': 'CPUs shared with other jobs at times: wall times are indicative only'}
 
 
 def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
     return {'backbone': 'DINOv2 ViT-S/14 (' + os.path.basename(s.weights) + ')', 'img_size': s.img_size,
             'shots': s.shots, 'test_per_class': s.test_per_class, 'epochs': s.epochs, 'batch': s.batch,
-            'optimizer': 'AdamW', 'lr': s.lr, 'head_lr': s.head_lr, 'full_lr': s.full_lr,
-            'weight_decay': s.weight_decay, 'schedule': f'cosine by epoch, T_max={s.epochs}, no warm-up',
-            'precision': 'fp32', 'tuner_size': TUNER_SIZE,
+            'optimizer': 'AdamW (trainer default), weight decay 1e-4', 'head_lr': 'trainer default: max(lr, 1e-2)',
+            'schedule': f'cosine by epoch, T_max={s.epochs}; trainer warm-up over the first 10% of the steps',
+            'precision': s.precision, 'tuner_size': TUNER_SIZE,
             'train_aug': f'RandomResizedCrop({s.img_size}, scale 0.75-1, ratio 0.9-1.1) + hflip 0.5',
             'eval_transform': f'resize {s.img_size} + center crop {s.img_size}'}
 
 
-def load_results(path: str, settings: Dict[str, Any]) -> List[Dict[str, Any]]:
+def load_results(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path) as f:
-        old = json.load(f)
-    if old.get('settings') != settings:
-        print(f'{path}: earlier results used other settings; starting a fresh file', flush=True)
-        return []
-    return list(old.get('runs', []))
+        return json.load(f)
 
 
-def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per method (table order): mean top-1 over seeds, its range, params, mean wall time."""
+def key_of(settings: Dict[str, Any]) -> str:
+    return f'{settings["img_size"]}px-{settings["precision"]}-{settings["epochs"]}ep'
+
+
+def summarize(runs: List[Dict[str, Any]], seeds: List[int]) -> List[Dict[str, Any]]:
+    """One row per method (table order): per lr the mean top-1 over seeds (and whether every seed ran), the best lr
+    and its mean, min and max, parameters, the fastest train time."""
     rows = []
     for method in METHODS:
-        mine = sorted((r for r in runs if r['method'] == method), key=lambda r: r['seed'])
+        mine = [r for r in runs if r['method'] == method]
         if not mine:
             continue
-        accs = [r['top1'] for r in mine]
-        rows.append({'method': method, 'label': mine[0]['label'], 'seeds': [r['seed'] for r in mine],
-                     'top1_mean': statistics.mean(accs), 'top1_min': min(accs), 'top1_max': max(accs),
-                     'per_seed': {str(r['seed']): r['top1'] for r in mine},
-                     'trainable_params': mine[0]['trainable_params'],
+        per_lr = {}
+        for lr in sorted({r['lr'] for r in mine}):
+            accs = [r['top1'] for r in mine if r['lr'] == lr]
+            per_lr[lr] = {'mean': statistics.mean(accs), 'min': min(accs), 'max': max(accs), 'n': len(accs),
+                          'nan': any(r['nan'] for r in mine if r['lr'] == lr)}
+        complete = {lr: v for lr, v in per_lr.items() if v['n'] == len(seeds)} or per_lr
+        best = max(complete, key=lambda lr: complete[lr]['mean'])
+        rows.append({'method': method, 'label': mine[0]['label'], 'per_lr': per_lr, 'best_lr': best,
+                     'best': complete[best], 'trainable_params': mine[0]['trainable_params'],
                      'trainable_params_excl_head': mine[0]['trainable_params_excl_head'],
-                     'wall_s_mean': statistics.mean(r['wall_s'] for r in mine),
-                     'train_s_mean': statistics.mean(r['train_s'] for r in mine),
-                     # The CPUs are shared: the fastest run is the closest to the method's own cost.
-                     'train_s_min': min(r['train_s'] for r in mine),
-                     'eval_s_min': min(r['eval_s'] for r in mine)})
+                     'total_params': mine[0]['total_params'],
+                     'train_s_min': min(r['train_s'] for r in mine)})
     return rows
 
 
-def markdown_table(summary: List[Dict[str, Any]], all_seeds: List[int]) -> str:
-    lines = ['| method | trainable params (without the head) | top-1 % (' +
-             ', '.join(f'seed {s}' for s in all_seeds) + ') | top-1 % mean [min, max] | train time | eval time |',
-             '|---|---:|---|---:|---:|---:|']
+def markdown_table(summary: List[Dict[str, Any]], seeds: List[int]) -> str:
+    lrs = TUNER_LRS
+    head = ('| method | trainable (% of all) | ' + ' | '.join(f'lr {lr:g}' for lr in lrs)
+            + f' | best (mean [min, max] of {len(seeds)} seeds) | train time |')
+    lines = [head, '|---|---:|' + '---:|' * len(lrs) + '---:|---:|']
     for r in summary:
-        per = ', '.join(f'{100 * r["per_seed"][str(s)]:.1f}' if str(s) in r['per_seed'] else '–'
-                        for s in all_seeds)
-        spread = f' [{100 * r["top1_min"]:.1f}, {100 * r["top1_max"]:.1f}]' if len(r['seeds']) > 1 else ''
-        lines.append(f'| {r["label"]} | {r["trainable_params"]:,} ({r["trainable_params_excl_head"]:,}) | {per} | '
-                     f'**{100 * r["top1_mean"]:.1f}**{spread} | {r["train_s_min"]:.0f} s | {r["eval_s_min"]:.0f} s |')
+        def cell(lr):
+            v = r['per_lr'].get(lr)
+            if v is None:
+                return '–'
+            mark = '' if v['n'] == len(seeds) else f' ({v["n"]})'
+            return ('NaN ' if v['nan'] else '') + f'{100 * v["mean"]:.1f}{mark}'
+        cells = [cell(lr) for lr in lrs]
+        if r['method'] == 'full':  # its own range: list it in the lr cells' place
+            cells = [', '.join(f'{lr:g}: {100 * v["mean"]:.1f}' for lr, v in sorted(r['per_lr'].items()))] + \
+                    [''] * (len(lrs) - 1)
+        b = r['best']
+        pct = 100.0 * r['trainable_params'] / max(r['total_params'], 1)
+        lines.append(f'| {r["label"]} | {r["trainable_params"]:,} ({pct:.2f}%) | ' + ' | '.join(cells)
+                     + f' | **{100 * b["mean"]:.1f}** [{100 * b["min"]:.1f}, {100 * b["max"]:.1f}] at {r["best_lr"]:g}'
+                     + f' | {r["train_s_min"]:.0f} s |')
     return '\n'.join(lines)
 
 
-def update_readme(table: str, path: str = README) -> None:
-    """Put ``table`` between the markers of our section, creating the section (or the file) when missing; other
-    sections are left as they are."""
-    block = f'{TABLE_START}\n{table}\n{TABLE_END}'
+def update_readme(table: str, path: str = README, start: str = TABLE_START, end: str = TABLE_END) -> None:
+    """Put ``table`` between the markers, creating the section (or the file) when missing; other sections are
+    left as they are."""
+    block = f'{start}\n{table}\n{end}'
     text = open(path).read() if os.path.isfile(path) else '# Benchmarks\n'
-    if TABLE_START in text and TABLE_END in text:
-        head, rest = text.split(TABLE_START, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         if SECTION not in text:
             text = text.rstrip('\n') + f'\n\n{SECTION}\n\n'
@@ -314,46 +352,52 @@ def update_readme(table: str, path: str = README) -> None:
         f.write(text)
 
 
+def render(doc: Dict[str, Any], readme: bool = True) -> None:
+    for key, part in doc.get('settings_runs', {}).items():
+        seeds = sorted({r['seed'] for r in part['runs']})
+        part['summary'] = summarize(part['runs'], seeds)
+        if readme:
+            update_readme(markdown_table(part['summary'], seeds), start=f'<!-- accuracy-table:{key}:start -->',
+                          end=f'<!-- accuracy-table:{key}:end -->')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
-    ap.add_argument('--seeds', nargs='+', type=int, default=[0],
+    ap.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
                     help='each seed draws its own few-shot split and test set and seeds the trainer')
+    ap.add_argument('--lrs', nargs='+', type=float, default=TUNER_LRS, help='tuner methods and the linear probe')
+    ap.add_argument('--full-lrs', nargs='+', type=float, default=FULL_LRS, help='full fine-tuning (backbone)')
     ap.add_argument('--epochs', type=int, default=15)
     ap.add_argument('--shots', type=int, default=10, help='training images per class')
     ap.add_argument('--test-per-class', type=int, default=50)
-    ap.add_argument('--img-size', type=int, default=56)
+    ap.add_argument('--img-size', type=int, default=112)
     ap.add_argument('--batch', type=int, default=25, help='25: four equal steps per epoch at 10 shots')
-    ap.add_argument('--lr', type=float, default=1e-3, help='tuners (and anything trainable but the head)')
-    ap.add_argument('--head-lr', type=float, default=1e-3)
-    ap.add_argument('--full-lr', type=float, default=3e-5, help='backbone lr of full fine-tuning')
-    ap.add_argument('--weight-decay', type=float, default=1e-4)
+    ap.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'auto'])
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--weights', default=DEFAULT_WEIGHTS)
     ap.add_argument('--data', default=DEFAULT_DATA)
     ap.add_argument('--out', default=DEFAULT_OUT)
     ap.add_argument('--readme', action=argparse.BooleanOptionalAction, default=True,
-                    help='update the table in benchmarks/README.md')
+                    help='update the tables in benchmarks/README.md')
     ap.add_argument('--keep', action='store_true', help='keep model / work dirs (under the temp folder)')
-    ap.add_argument('--render-only', action='store_true', help='only rewrite the README table from --out')
+    ap.add_argument('--render-only', action='store_true', help='only rewrite the README tables from --out')
     s = ap.parse_args(argv)
+    doc = load_results(s.out)
     if s.render_only:
-        with open(s.out) as f:
-            runs = json.load(f)['runs']
-        update_readme(markdown_table(summarize(runs), sorted({r['seed'] for r in runs})))
+        render(doc, s.readme)
         return 0
 
     import torch
     torch.set_num_threads(s.threads)
     if not os.path.isfile(s.weights):
         sys.exit(f'{s.weights} is missing: python ../shared/tools/real_backbone.py {s.weights}')
-    methods = list(s.methods)
-    if 'utuning_tri_bypass' in methods and not bypass_available():
-        print('model.backbone.bypass is not in this package version: skipping utuning_tri_bypass', flush=True)
-        methods.remove('utuning_tri_bypass')
-
+    methods = [m for m in s.methods if available(m) or print(f'{m}: a tuner kind it needs is not in this package '
+                                                              'version; skipped', flush=True)]
     settings = settings_of(s)
-    runs = load_results(s.out, settings)
+    key = key_of(settings)
+    doc.setdefault('settings_runs', {}).setdefault(key, {'settings': settings, 'runs': []})
+    part = doc['settings_runs'][key]
     data = load_fashion_mnist(s.data)
     scratch = tempfile.mkdtemp(prefix='utuning_acc_')
     print(f'scratch folder {scratch}; settings {json.dumps(settings)}', flush=True)
@@ -364,31 +408,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             train_dir = write_split(*data['train'], train_idx, os.path.join(scratch, f'data_s{seed}', 'train'))
             test_dir = write_split(*data['test'], test_idx, os.path.join(scratch, f'data_s{seed}', 'test'))
             for method in methods:
-                print(f'=== {method} seed {seed} ({datetime.datetime.now():%H:%M:%S})', flush=True)
-                entry = run_method(method, seed, s, train_dir, test_dir, scratch)
-                print(f'=== {method} seed {seed}: top-1 {100 * entry["top1"]:.1f}%  trainable '
-                      f'{entry["trainable_params"]:,}  train {entry["train_s"]:.0f}s  eval {entry["eval_s"]:.0f}s '
-                      f'loss {entry["first_loss"]} -> {entry["last_loss"]}', flush=True)
-                runs = [r for r in runs if not (r['method'] == method and r['seed'] == seed)] + [entry]
-                write_results(s, settings, runs)
+                for lr in (s.full_lrs if method == 'full' else s.lrs):
+                    print(f'=== {method} lr {lr:g} seed {seed} ({datetime.datetime.now():%H:%M:%S})', flush=True)
+                    entry = run_one(method, lr, seed, s, train_dir, test_dir, scratch)
+                    print(f'=== {method} lr {lr:g} seed {seed}: top-1 {100 * entry["top1"]:.1f}%  train '
+                          f'{entry["train_s"]:.0f}s eval {entry["eval_s"]:.0f}s  loss {entry["first_loss"]} -> '
+                          f'{entry["last_loss"]}', flush=True)
+                    part['runs'] = [r for r in part['runs'] if not (r['method'] == method and r['lr'] == lr
+                                                                      and r['seed'] == seed)] + [entry]
+                    doc['machine'] = machine_info(s.threads)
+                    doc['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
+                    write_results(s, doc)
     finally:
         if not s.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
-def write_results(s: argparse.Namespace, settings: Dict[str, Any], runs: List[Dict[str, Any]]) -> None:
-    summary = summarize(runs)
-    all_seeds = sorted({r['seed'] for r in runs})
-    doc = {'command': 'python benchmarks/accuracy.py ' + ' '.join(sys.argv[1:]),
-           'updated': datetime.datetime.now().isoformat(timespec='seconds'),
-           'machine': machine_info(s.threads), 'settings': settings, 'summary': summary,
-           'runs': sorted(runs, key=lambda r: (list(METHODS).index(r['method']), r['seed']))}
+def write_results(s: argparse.Namespace, doc: Dict[str, Any]) -> None:
+    render(doc, s.readme)
+    for part in doc['settings_runs'].values():
+        part['runs'].sort(key=lambda r: (list(METHODS).index(r['method']), r['lr'], r['seed']))
+    tmp = s.out + '.tmp'
     os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
-    with open(s.out, 'w') as f:
-        json.dump(doc, f, indent=2)
-    if s.readme:
-        update_readme(markdown_table(summary, all_seeds))
+    with open(tmp, 'w') as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, s.out)
 
 
 if __name__ == '__main__':
