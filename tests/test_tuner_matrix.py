@@ -65,7 +65,9 @@ ROWS = ([parallel(k, op, s) for k in ('adapter', 'prefix', 'prompt') for op in (
            Row({'type': 'bitfit'}, BIASES),
            Row({'type': 'side'}, FCN4 + 1, silent=False),
            Row({'type': 'vertical', 'dim': R}, (D - 1) * (2 * C * R + R + C + C),
-               backbone={'bypass': True, 'tuners_before': [{'type': 'adapter', 'op': 'ffn', 'dim': R}]})])
+               backbone={'bypass': True, 'tuners_before': [{'type': 'adapter', 'op': 'ffn', 'dim': R}]}),
+           Row({'type': 'ssf', 'op': 'block'}, D * 2 * (C + 2 * C + C + F_MLP + C)),  # scale + shift: q kv proj fc1 fc2
+           ])
 
 
 def build(row: Row, seed: int = 0) -> VisionEfficientTuningModel:
