@@ -67,6 +67,7 @@ ROWS = ([parallel(k, op, s) for k in ('adapter', 'prefix', 'prompt') for op in (
            Row({'type': 'vertical', 'dim': R}, (D - 1) * (2 * C * R + R + C + C),
                backbone={'bypass': True, 'tuners_before': [{'type': 'adapter', 'op': 'ffn', 'dim': R}]}),
            Row({'type': 'ssf', 'op': 'block'}, D * 2 * (C + 2 * C + C + F_MLP + C)),  # scale + shift: q kv proj fc1 fc2
+           Row({'type': 'repadapter', 'op': 'mha', 'dim': R}, D * (C * R + R + C * R // 2 + C)),  # 2 groups in W_up
            ])
 
 
