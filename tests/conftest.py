@@ -1,6 +1,14 @@
 """Shared test fixtures."""
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The kernel choices (backbone/kernels.py) of this test session live in a file of its own, shared with the
+# subprocesses the tests start (a run and its resume make the same choices), and not in the user's cache.
+os.environ.setdefault('UTUNING_KERNEL_CACHE', os.path.join(tempfile.mkdtemp(prefix='utuning-kernels-'),
+                                                           'kernels.json'))
 
 
 @pytest.fixture(scope='module')

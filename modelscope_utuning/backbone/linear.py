@@ -1,23 +1,31 @@
-"""The frozen backbone's linear layers, ``y = x W^T + b``, with a faster fp32 CPU forward.
+"""The frozen backbone's linear layers, ``y = x W^T + b``, on the fastest path this machine has for them.
 
-PyTorch's default fp32 CPU GEMM (MKL) is slower than oneDNN's on AMD CPUs: for ViT-B/16 shapes on this project's
-reference machine (2-core AMD EPYC, AVX2) ``x W^T`` ran at 92-105 GFLOP/s through ``addmm`` and 93-129 GFLOP/s
-through oneDNN (``benchmarks/gemm_backends.py``). A frozen weight needs no weight gradient, only the input gradient
-``dL/dx = dL/dy W``, for which the default ``mm`` (``W`` already row-major) is as fast as oneDNN or faster. So
-:func:`linear` runs the forward through oneDNN and the backward through ``mm``, and saves nothing for backward but
-the weight itself (the input is not needed when ``W`` is frozen).
+A frozen weight needs no weight gradient, only the input gradient ``dL/dx = dL/dy W``. Two cases get a path of
+their own; everything else (a weight that trains, CUDA without autocast, tracing / export, a PyTorch without
+oneDNN) takes plain ``F.linear``:
 
-Anything outside that case - a weight that trains, CUDA, autocast or a dtype other than fp32, tracing / export,
-a PyTorch without the oneDNN op - takes plain ``F.linear``. Results differ from ``F.linear`` only in summation
-order (relative ~1e-6).
+- **fp32 on the CPU**: the forward runs through oneDNN (``mkldnn::_linear_pointwise``) or PyTorch's default GEMM
+  (``addmm``, MKL), whichever :mod:`.kernels` measured faster for this width and row count on this machine (on
+  the project's AMD EPYC oneDNN ran the ViT-B/16 shapes at 93-129 GFLOP/s against 92-105 through ``addmm``;
+  Intel's MKL may win elsewhere). Either way nothing is saved for backward but the weight (the input is not
+  needed when W is frozen), and the input gradient is computed with ``mm``, as fast as oneDNN or faster here.
+- **bf16 autocast** (CPU or CUDA): autocast re-casts a weight that does not require grad at every call (it caches
+  only casts of leaves that require grad); for a frozen weight that is a full copy of every matrix at every step.
+  We keep one bf16 copy per weight instead, refreshed only when the fp32 weight changes (its version counter), and
+  multiply with it: the same numbers autocast computes, without the copies.
+
+Results differ from ``F.linear`` only in summation order (relative ~1e-6 in fp32).
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
 
 
 def _find_onednn_linear():
@@ -31,35 +39,94 @@ _ONEDNN_LINEAR = _find_onednn_linear()
 
 
 class _FrozenLinear(torch.autograd.Function):
-    """``y = x W^T + b`` with W frozen: forward by oneDNN, ``dL/dx = dL/dy W`` by mm, ``dL/db`` for BitFit."""
+    """``y = x W^T + b`` with W frozen: the forward by ``kernel`` (oneDNN or ``addmm``), ``dL/dx = dL/dy W`` by mm,
+    ``dL/db`` for BitFit. Only the weight is saved for backward, whatever the forward kernel."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return _ONEDNN_LINEAR(x, weight, bias, 'none', [], '')
+        if kernel == 'onednn':
+            return _ONEDNN_LINEAR(x, weight, bias, 'none', [], '')
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_b
+        return grad_x, None, grad_b, None
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+def _exporting() -> bool:
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+        torch.onnx.is_in_onnx_export()
+
+
+def _fp32_cpu_frozen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     if _ONEDNN_LINEAR is None or weight.requires_grad or x.device.type != 'cpu':
         return False
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != x.dtype):
         return False
-    if torch.is_autocast_enabled('cpu') or torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
-    return not (torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export())
+    return not torch.is_autocast_enabled('cpu') and not _exporting()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; the oneDNN path when the weight is frozen and everything is fp32 on CPU."""
-    if _onednn_applies(x, weight, bias):
-        return _FrozenLinear.apply(x, weight, bias)
+def _fp32_runners(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], grad: bool):
+    """Each forward kernel once on a synthetic input of the real shape (made once, reused), with the backward; the
+    weight and bias detached, so nothing reaches the real gradients."""
+    weight, bias = weight.detach(), None if bias is None else bias.detach()
+    xs = torch.randn(x.shape, requires_grad=grad)
+    g = torch.randn(x.shape[:-1] + (weight.shape[0],)) if grad else None
+
+    def make(kernel):
+        def run():
+            y = _FrozenLinear.apply(xs, weight, bias, kernel)
+            if grad:
+                torch.autograd.grad(y, xs, g)
+        return run
+    return {'onednn': make('onednn'), 'addmm': make('addmm')}
+
+
+# Low-precision copies of frozen fp32 weights: id(weight) -> (version, data_ptr, copy), dropped with the weight.
+_LOW: Dict[int, tuple] = {}
+
+
+def _low_precision_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    key = id(t)
+    hit = _LOW.get(key)
+    if hit is not None and hit[0] == t._version and hit[1] == t.data_ptr() and hit[2].dtype == dtype:
+        return hit[2]
+    if hit is None:
+        weakref.finalize(t, _LOW.pop, key, None)
+    copy = t.detach().to(dtype)
+    _LOW[key] = (t._version, t.data_ptr(), copy)
+    return copy
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    device = x.device.type
+    if device not in ('cpu', 'cuda') or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           rows: Optional[slice] = None) -> torch.Tensor:
+    """``F.linear(x, weight[rows], bias[rows])`` for a weight that may be frozen, on the fastest path (module
+    docstring). ``rows`` selects output rows of the weight (q or k / v of a fused qkv)."""
+    dtype = _autocast_dtype(x)
+    if dtype is not None and not weight.requires_grad and weight.dtype == torch.float32 and not _exporting():
+        # one low-precision copy of the whole weight, sliced; BitFit biases train: those are cast per call
+        w = _low_precision_copy(weight, dtype)
+        b = None if bias is None else (bias.to(dtype) if bias.requires_grad else _low_precision_copy(bias, dtype))
+        if rows is not None:
+            w, b = w[rows], (None if b is None else b[rows])
+        return F.linear(x.to(dtype), w, b)
+    if rows is not None:
+        weight, bias = weight[rows], (None if bias is None else bias[rows])
+    if _fp32_cpu_frozen(x, weight, bias):
+        grad = torch.is_grad_enabled() and x.requires_grad
+        kernel = kernels.linear_choice(x, weight, grad, _fp32_runners(x, weight, bias, grad))
+        return _FrozenLinear.apply(x, weight, bias, kernel)
     return F.linear(x, weight, bias)
 
 
@@ -80,10 +147,9 @@ class QKVLinear(FrozenFastLinear):
 
     def forward(self, h: torch.Tensor, n_query: Optional[int] = None):
         C = self.in_features
-        w, b = self.weight, self.bias
         n = h.shape[1] if n_query is None else n_query
         # a contiguous slice: F.linear then takes one GEMM path whatever the weight's requires_grad
         hq = h if n == h.shape[1] else h[:, :n].contiguous()
-        q = linear(hq, w[:C], None if b is None else b[:C])
-        kv = linear(h, w[C:], None if b is None else b[C:])
+        q = linear(hq, self.weight, self.bias, rows=slice(0, C))
+        kv = linear(h, self.weight, self.bias, rows=slice(C, 3 * C))
         return q, kv

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .hooks import CHANGES_QUERY, OPS, HookTable, OpContext, TokenState
 from .linear import FrozenFastLinear, QKVLinear, linear
 from .pos_embed import resample_abs_pos_embed
@@ -113,9 +114,7 @@ class Attention(nn.Module):
         """Frozen projection ``W_which h + b_which`` for which in q / k / v, split into heads."""
         i = 'qkv'.index(which)
         C = self.num_heads * self.head_dim
-        w = self.qkv.weight[i * C:(i + 1) * C]
-        b = None if self.qkv.bias is None else self.qkv.bias[i * C:(i + 1) * C]
-        return self.split_heads(linear(h, w, b))
+        return self.split_heads(linear(h, self.qkv.weight, self.qkv.bias, rows=slice(i * C, (i + 1) * C)))
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor,
                extra_kv: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +126,7 @@ class Attention(nn.Module):
         if extra_kv:
             k = torch.cat([k] + [e[0] for e in extra_kv], dim=2)
             v = torch.cat([v] + [e[1] for e in extra_kv], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = kernels.attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, n, C), q
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

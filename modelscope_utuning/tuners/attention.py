@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ..backbone import kernels
 
 
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -25,4 +26,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if k.shape[0] != q.shape[0]:
         k = k.expand(q.shape[0], -1, -1, -1)
         v = v.expand(q.shape[0], -1, -1, -1)
-    return merge_heads(F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype)))
+    return merge_heads(kernels.attention(q, k.to(q.dtype), v.to(q.dtype)))
