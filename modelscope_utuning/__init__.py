@@ -8,8 +8,8 @@ __version__ = '0.2.0'
 
 try:
     from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)
-    from .model import (VisionEfficientTuningModel, has_lora, load_tuners, merge_lora,  # noqa: E402
-                        model_from_tuners, save_tuners)
+    from .model import (VisionEfficientTuningModel, has_lora, load_model, load_tuners,  # noqa: E402
+                        merge_lora, model_from_tuners, save_tuners)
     from .network import VisionEfficientTuning  # noqa: E402
 except ImportError as error:  # a ModelScope release that cannot import here: say what to do (compat.py, 5.)
     from .compat import explain_import_error
@@ -18,5 +18,5 @@ except ImportError as error:  # a ModelScope release that cannot import here: sa
         raise
     raise explained from error
 
-__all__ = ['VisionEfficientTuning', 'VisionEfficientTuningModel', '__version__', 'has_lora', 'load_tuners',
+__all__ = ['VisionEfficientTuning', 'VisionEfficientTuningModel', '__version__', 'has_lora', 'load_model', 'load_tuners',
            'merge_lora', 'model_from_tuners', 'save_tuners']

@@ -285,6 +285,8 @@ def cmd_train(args) -> int:
     train_ds = load_data(args.train_data, '--train-data')
     eval_ds = load_data(args.eval_data, '--eval-data', classes=train_ds.classes) if args.eval_data else None
     work_dir = os.path.abspath(args.work_dir or _default_work_dir(args.model))
+    if os.path.exists(work_dir) and not os.path.isdir(work_dir):
+        raise CLIError(f'--work-dir {args.work_dir!r} is a file; expected a folder (it is created if missing)')
     model = resolve_model(args.model, work_dir)
     has_weights = os.path.isdir(model) and os.path.isfile(os.path.join(model, 'pytorch_model.pt'))
     notes: List[str] = []
@@ -312,7 +314,12 @@ def cmd_train(args) -> int:
 
     if os.path.isdir(model):  # check the overrides now, with a clear message, before anything is built
         from modelscope.utils.config import Config
-        cfg_modify_fn(Config.from_file(os.path.join(model, 'configuration.json')))
+        from .training.defaults import apply_defaults
+        from .training.validate import validate_config
+        try:
+            validate_config(cfg_modify_fn(apply_defaults(Config.from_file(os.path.join(model, 'configuration.json')))))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
         notes.clear()
     print(f'training {args.model} on {args.train_data} ({len(train_ds)} images, {train_ds.num_classes} classes); '
           f'work dir {work_dir}', file=sys.stderr)
@@ -365,16 +372,13 @@ def cmd_eval(args) -> int:
 def expand_inputs(items: Sequence[str]) -> List[str]:
     """Files as given, folders walked (sorted, image extensions only, hidden entries skipped), URLs kept."""
     from .data import IMAGE_EXTENSIONS
+    from .data.readers import walk_images
     out: List[str] = []
     for item in items:
         if item.startswith(('http://', 'https://')):
             out.append(item)
         elif os.path.isdir(item):
-            found = []
-            for dirpath, dirnames, filenames in os.walk(item, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-                found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                          if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            found = walk_images(item)
             if not found:
                 raise CLIError(f'folder {item!r} holds no images ({", ".join(IMAGE_EXTENSIONS)})')
             out += found

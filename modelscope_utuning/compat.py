@@ -26,6 +26,12 @@ difference was observed, for the record only.
    building the configured warm-up class on a dummy optimizer fails that way, our trainer's warm-up options (not the
    configuration, which is saved as it is) name a subclass registered as ``utuning-<Name>`` that drops the
    keyword; the warm-up maths are ModelScope's.
+6. :func:`quiet_upload_queue` - ``CheckpointHook.after_run`` starts ModelScope's hub-upload queue (a
+   ``multiprocessing`` Manager server and a submitter process) at the end of every run, also when nothing is to be
+   uploaded (``push_to_hub`` false). Those two processes outlive a run that is killed at its end and keep its
+   output pipes open. Our trainer's checkpoint hooks that upload nothing get a subclass whose ``after_run`` skips
+   the queue (only when the hook has the ``push_to_hub`` attribute and it is false); uploading hooks keep
+   ModelScope's.
 5. :func:`explain_import_error` - ``modelscope.utils.plugins`` imports ``pkg_resources`` at module level up to
    1.34; setuptools 82 removed it, so ModelScope itself does not import there. No patch can fix that without
    changing the environment for everyone: ``import modelscope_utuning`` re-raises the error with the fix
@@ -179,3 +185,25 @@ def explain_import_error(error: BaseException) -> Optional[ImportError]:
             'this ModelScope release imports pkg_resources, which setuptools 82 removed: '
             "run `pip install 'setuptools<82'`, or upgrade ModelScope (1.35 and later do not need it)")
     return None
+
+
+# -- 6. the upload queue of a checkpoint hook that uploads nothing ---------------------------------------------------
+def quiet_upload_queue(hook) -> bool:
+    """Make ``hook`` (a ModelScope CheckpointHook of our trainer) skip the upload queue at the end of the run when it
+    uploads nothing; returns whether it did."""
+    if getattr(hook, 'push_to_hub', None) is not False or not callable(getattr(hook, 'after_run', None)):
+        return False
+    base = type(hook)
+    if getattr(base, '_utuning_quiet', False):
+        return True
+    hook.__class__ = _quiet_subclass(base)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _quiet_subclass(base: type) -> type:
+    def after_run(self, trainer):
+        self.logger.info('Train finished.')
+
+    return type(base.__name__, (base,), {'after_run': after_run, '_utuning_quiet': True,
+                                         '__doc__': base.__doc__, '__module__': base.__module__})

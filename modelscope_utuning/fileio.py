@@ -7,6 +7,24 @@ import tempfile
 from typing import Any, Callable, Dict
 
 
+def fault_point(name: str) -> None:
+    """A place where the fault-injection tests may kill the process (``UTUNING_FAULT=name:N`` kills it with SIGKILL
+    the N-th time this point is reached). Costs one environment lookup otherwise."""
+    spec = os.environ.get('UTUNING_FAULT')
+    if not spec:
+        return
+    want, _, count = spec.partition(':')
+    if want != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(count or 1):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS: Dict[str, int] = {}
+
+
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, then move the result to ``path``; on any failure remove the temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -15,6 +33,7 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        fault_point('atomic_write')  # written, not yet in place
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from modelscope.models.base import TorchModel
 
 from .backbone.vit import VisionTransformer
-from .checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub, read_checkpoint
+from .checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub, read_checkpoint, split_model_state
 from .checkpoint.merge import has_tuners, merge_block_tuners
 from .fileio import read_json_object
 from .head import ClassifierHead
@@ -25,7 +25,7 @@ from .network import VisionEfficientTuning
 from .registration import register_class
 from .tuners.spec import TunerSpec
 
-__all__ = ['VisionEfficientTuningModel', 'load_tuners', 'merge_lora', 'has_lora', 'model_from_tuners',
+__all__ = ['VisionEfficientTuningModel', 'has_lora', 'load_model', 'load_tuners', 'merge_lora', 'model_from_tuners',
            'save_tuners']
 
 
@@ -262,6 +262,40 @@ def model_from_tuners(folder: str, pretrained_weights: Optional[str] = None,
                       freeze_cfg: Optional[Dict] = None) -> VisionEfficientTuningModel:
     """A :class:`VisionEfficientTuningModel` from a tuner-only export and its base backbone weights."""
     return VisionEfficientTuningModel.from_tuners(folder, pretrained_weights, freeze_cfg)
+
+
+def load_model(path: str) -> VisionEfficientTuningModel:
+    """A model from a folder (``configuration.json`` [+ ``pytorch_model.pt``], as ModelScope loads it) or from a
+    checkpoint file the trainer wrote (``work_dir/epoch_N.pth``: its weights, class names and model configuration
+    travel together). ValueError naming the file when it is not one of those or cannot be read (a half-written
+    file, for example)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, 'configuration.json')
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f'model folder {path!r} has no configuration.json')
+        cfg = dict(read_json_object(cfg_path).get('model') or {})
+        cfg.pop('type', None)
+        return VisionEfficientTuningModel(model_dir=path, **cfg)
+    if not os.path.isfile(path):
+        raise ValueError(f'{path!r}: no such model folder or checkpoint file')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file
+        raise ValueError(f'checkpoint {path!r} cannot be read (a half-written or damaged file?): {e}') from e
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict'), dict) and ckpt.get('model_cfg')):
+        raise ValueError(f'{path!r} is not a checkpoint file of a modelscope-utuning trainer (expected state_dict, '
+                         'CLASSES and model_cfg); load the folder with its configuration.json instead')
+    cfg = dict(ckpt['model_cfg'])
+    cfg.pop('type', None)
+    cfg['finetune'] = False
+    model = VisionEfficientTuningModel(model_dir=None, pretrained=False, **cfg)
+    hub = split_model_state(ckpt['state_dict'], ckpt.get('CLASSES'))
+    result = model.model.load_hub_state(hub, f'checkpoint {path!r}')
+    model.head_loaded = result['head_loaded']
+    if ckpt.get('CLASSES') is not None:
+        model.CLASSES = list(ckpt['CLASSES'])
+    return model
 
 
 def merge_lora(model):

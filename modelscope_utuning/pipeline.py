@@ -150,7 +150,10 @@ class VisionEfficientTuningPipeline(Pipeline):
     def forward(self, inputs: Dict[str, Any], **forward_params) -> Dict[str, torch.Tensor]:
         if self.model.training:
             self.model.eval()
-        return self.model({'imgs': inputs['imgs']})
+        # the images in the model's own precision and place (e.g. after model.to(torch.bfloat16))
+        p = next(self.model.parameters(), None)
+        imgs = inputs['imgs'] if p is None else inputs['imgs'].to(device=p.device, dtype=p.dtype)
+        return self.model({'imgs': imgs})
 
     def postprocess(self, inputs: Dict[str, Any], topk: Optional[int] = None, **post_params) -> Dict[str, list]:
         """``inputs['scores']``: (1, C) or (C,) probabilities -> top-k scores (descending) and their labels."""

@@ -25,6 +25,9 @@ from .compat import guard_trusted_source_lookup
 TASK = Tasks.vision_efficient_tuning
 PREPROCESSOR_NAME = 'vision-efficient-tuning-preprocessor'
 TOPK_METRIC = 'vision-efficient-tuning-top5'
+# The model and pipeline type of trained folders that ModelScope's built-in cannot compute (see model_type_for):
+# without the plugin, ModelScope's registry error then names the package to install.
+PLUGIN_TYPE = 'vision-efficient-tuning@modelscope-utuning'
 
 _REGISTRIES = {  # registry name -> (module, attribute)
     'models': ('modelscope.models.builder', 'MODELS'),
@@ -36,8 +39,10 @@ _REGISTRIES = {  # registry name -> (module, attribute)
 # (registry, group, registered name, our module, our class)
 ENTRIES = (
     ('models', TASK, Models.vision_efficient_tuning, 'modelscope_utuning.model', 'VisionEfficientTuningModel'),
+    ('models', TASK, PLUGIN_TYPE, 'modelscope_utuning.model', 'VisionEfficientTuningModel'),
     ('pipelines', TASK, Pipelines.vision_efficient_tuning, 'modelscope_utuning.pipeline',
      'VisionEfficientTuningPipeline'),
+    ('pipelines', TASK, PLUGIN_TYPE, 'modelscope_utuning.pipeline', 'VisionEfficientTuningPipeline'),
     ('preprocessors', Fields.cv, PREPROCESSOR_NAME, 'modelscope_utuning.preprocessing.preprocessor',
      'VisionEfficientTuningPreprocessor'),
     ('trainers', 'default', Trainers.vision_efficient_tuning, 'modelscope_utuning.training.trainer',
@@ -59,14 +64,26 @@ def point_index_at_our_modules() -> None:
 
 
 def register_class(cls: type) -> type:
-    """Put one of our classes into its ModelScope registry (called by each module as it loads)."""
+    """Put one of our classes into its ModelScope registry under each of its names (called by each module as it
+    loads)."""
+    found = False
     for registry, group, name, module, qualname in ENTRIES:
         if cls.__module__ == module and cls.__name__ == qualname:
             registry_module, attribute = _REGISTRIES[registry]
             getattr(importlib.import_module(registry_module), attribute).register_module(
                 group, module_name=name, module_cls=cls, force=True)
-            return cls
-    raise ValueError(f'{cls.__module__}.{cls.__name__} is not one of the classes modelscope-utuning registers')
+            found = True
+    if not found:
+        raise ValueError(f'{cls.__module__}.{cls.__name__} is not one of the classes modelscope-utuning registers')
+    return cls
+
+
+def model_type_for(backbone_cfg: dict) -> str:
+    """The model / pipeline type a trained folder declares: the built-in's name when the built-in computes the same
+    model (legacy ``*_length`` keys only), else :data:`PLUGIN_TYPE`."""
+    if (backbone_cfg or {}).get('tuners') or (backbone_cfg or {}).get('bypass'):
+        return PLUGIN_TYPE
+    return Models.vision_efficient_tuning
 
 
 def register() -> None:

@@ -226,3 +226,11 @@ def test_version_0_1_folder_keeps_its_parametrization(tmp_path):
     with open(tmp_path / 'configuration.json', 'w') as f:
         json.dump(cfg, f)
     assert all(s.join == 'residual' for s in Model.from_pretrained(str(tmp_path)).specs if s.form == 'parallel')
+
+
+def test_validate_config_reads_modelscope_configs():
+    from modelscope.utils.config import Config
+    from modelscope_utuning.training.validate import validate_config
+    cfg = Config({'train': {'max_epochs': 'abc', 'optimizer': {'lr': 0}}, 'model': {'head': {'num_classes': 2}}})
+    with pytest.raises(ValueError, match=r"train.max_epochs='abc'.*train.optimizer.lr=0"):
+        validate_config(cfg)

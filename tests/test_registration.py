@@ -34,5 +34,6 @@ def test_import_is_light_and_builders_load_our_classes():
     assert lines[0] == 'loaded after import: []'
     assert lines[1] == 'metric: modelscope_utuning.training.metrics'
     built = [line for line in lines if line.startswith('built:')]
-    assert built == [f'built: {r} True' for r in ('models', 'pipelines', 'preprocessors', 'trainers', 'metrics')]
+    assert built == [f'built: {r} True' for r in ('models', 'models', 'pipelines', 'pipelines', 'preprocessors',
+                                                  'trainers', 'metrics')]
     assert lines[-1] == 'builtin imported: False'

@@ -96,6 +96,7 @@ class ImageRowsDataset(Dataset):
         self._labels = self._check_rows()
         self._bad: Dict[int, str] = {}  # index -> reason, per process (each DataLoader worker finds its own)
         self._warned = False
+        self.label_map: Optional[List[int]] = None  # this source's label -> the model's (see with_label_map)
 
     def _check_rows(self) -> List[int]:
         labels = _row_labels(self.rows)
@@ -120,15 +121,27 @@ class ImageRowsDataset(Dataset):
 
     @property
     def labels(self) -> List[int]:
-        """The label of every row, in order (read without decoding images)."""
+        """The label of every row, in order (read without decoding images), in the model's numbering when a label
+        map is set."""
+        if self.label_map is not None:
+            return [self.label_map[label] for label in self._labels]
         return list(self._labels)
+
+    def with_label_map(self, label_map: List[int], classes: Optional[Sequence[str]]) -> 'ImageRowsDataset':
+        """The same rows whose label ``i`` reads ``label_map[i]``, with ``classes`` as class names: this source's
+        numbering turned into the model's (the rows are shared, not copied)."""
+        other = self.with_transform(self.transform)
+        other.label_map = list(label_map)
+        other.classes = list(classes) if classes is not None else None
+        return other
 
     @property
     def num_classes(self) -> int:
         """``len(classes)`` when class names are known, else ``max(label) + 1``."""
         if self.classes is not None:
             return len(self.classes)
-        return max(self._labels) + 1 if self._labels else 0
+        labels = self.labels
+        return max(labels) + 1 if labels else 0
 
     @property
     def skipped(self) -> List[str]:
@@ -163,6 +176,8 @@ class ImageRowsDataset(Dataset):
             row = dict(self.rows[index])
         except Exception as err:  # noqa: BLE001  (lazy sources decode the image while fetching the row)
             raise self._unreadable(index, err) from err
+        if self.label_map is not None and row.get(LABEL_KEY) is not None:
+            row[LABEL_KEY] = self.label_map[row[LABEL_KEY]]
         if self.transform is None:
             if self.on_error == 'skip':
                 problem = _probe(row)
@@ -244,11 +259,16 @@ class ImageRowsDataset(Dataset):
         return [path for _, path in bad]
 
     def select(self, indices: Iterable[int]) -> 'ImageRowsDataset':
-        """A dataset of the rows at ``indices`` (same classes, transform and on_error), e.g. a few-shot subset."""
+        """A dataset of the rows at ``indices`` (same classes, transform, on_error and label map), e.g. a few-shot
+        subset."""
         indices = [int(i) for i in indices]
         selector = getattr(self.rows, 'select', None)
         rows = selector(indices) if selector is not None else [self.rows[i] for i in indices]
-        return ImageRowsDataset(rows, self.classes, self.transform, self.on_error, self.source)
+        if self.label_map is None:
+            return ImageRowsDataset(rows, self.classes, self.transform, self.on_error, self.source)
+        out = ImageRowsDataset(rows, None, self.transform, self.on_error, self.source)
+        out.label_map, out.classes = list(self.label_map), self.classes
+        return out
 
     def with_transform(self, transform: Optional[Callable[[Dict[str, Any]], Any]]) -> 'ImageRowsDataset':
         """The same rows with another transform (e.g. the eval preprocessor); the rows are shared, not copied."""

@@ -210,6 +210,40 @@ def from_rows(rows: Sequence[Dict[str, Any]], root: Optional[Union[str, os.PathL
     return _build(entries, base, source, _classes_arg(classes), transform, on_error)
 
 
+def walk_images(top: str, boundary: Optional[str] = None) -> List[str]:
+    """Image files under ``top``, sorted, hidden entries skipped, each real file once.
+
+    Linked directories are followed once each (by their real path), so a link loop ends. A link that leads back
+    into ``boundary`` (the dataset root) but out of ``top`` (one class's folder) is not followed: its images
+    belong to another class, which reads them itself; following it would label them wrongly.
+    """
+    top_real = os.path.realpath(top)
+    bound_real = os.path.realpath(boundary) if boundary else None
+    seen_dirs, seen_files, out = set(), set(), []
+
+    def inside(path: str, root: str) -> bool:
+        return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs or (bound_real and inside(real, bound_real) and not inside(real, top_real)):
+            if real not in seen_dirs:
+                logger.warning(f'{dirpath}: a link into another part of {boundary!r}; not followed')
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        for filename in sorted(filenames):
+            if filename.startswith('.') or os.path.splitext(filename)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(dirpath, filename)
+            real_file = os.path.realpath(path)
+            if real_file not in seen_files:
+                seen_files.add(real_file)
+                out.append(path)
+    return out
+
+
 def from_image_folder(root: Union[str, os.PathLike], *, classes: ClassesArg = None, transform: Transform = None,
                       on_error: str = 'raise') -> ImageRowsDataset:
     """``root/<class name>/**/<image>``: classes are the sub-directory names, sorted (or ordered as ``classes``).
@@ -238,11 +272,7 @@ def from_image_folder(root: Union[str, os.PathLike], *, classes: ClassesArg = No
         class_dir = os.path.join(base, name)
         if not os.path.isdir(class_dir):
             continue  # a class of classes= with no folder here (e.g. absent from this split)
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-            for filename in sorted(filenames):
-                if not filename.startswith('.') and os.path.splitext(filename)[1].lower() in IMAGE_EXTENSIONS:
-                    rows.append({PATH_KEY: os.path.join(dirpath, filename), LABEL_KEY: label})
+        rows += [{PATH_KEY: path, LABEL_KEY: label} for path in walk_images(class_dir, boundary=base)]
     if not rows:
         raise ValueError(f'image folder {root!r} holds no images: expected one sub-directory per class with '
                          f'files ending in {", ".join(IMAGE_EXTENSIONS)}')

@@ -67,16 +67,47 @@ def shorter_side_size(width: int, height: int, size: int) -> Tuple[int, int]:
     return int(size * width / height), size
 
 
+# A resize that would produce more pixels than this is refused (a shorter-side resize of an image of extreme aspect
+# ratio grows its long side without bound: 1 x 100000 px to a shorter side of 256 is 6.5 gigapixels). Resize +
+# CenterCrop pairs never get there: they only compute the crop (ResizeCenterCrop).
+MAX_RESIZED_PIXELS = 1 << 26
+
+
+def _resized_size(w: int, h: int, size: Size) -> Tuple[int, int]:
+    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
+        new_h, new_w = _pair(size, 'size')
+        return new_w, new_h
+    return shorter_side_size(w, h, _pair(size, 'size')[0])
+
+
 def resize(img: Image.Image, size: Size, interpolation: Union[str, int] = 'bilinear') -> Image.Image:
     """int (or [int]): shorter side to ``size``, aspect kept; [h, w]: exactly that size."""
     w, h = img.size
-    if isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2:
-        new_h, new_w = _pair(size, 'size')
-    else:
-        new_w, new_h = shorter_side_size(w, h, _pair(size, 'size')[0])
+    new_w, new_h = _resized_size(w, h, size)
     if (new_w, new_h) == (w, h):
         return img
+    if new_w * new_h > MAX_RESIZED_PIXELS:
+        raise ValueError(f'resizing a {w}x{h} image to {new_w}x{new_h} would make {new_w * new_h:,} pixels (limit '
+                         f'{MAX_RESIZED_PIXELS:,}): an image of extreme aspect ratio; crop it first')
     return img.resize((new_w, new_h), interpolation_of(interpolation))
+
+
+def resize_center_crop(img: Image.Image, size: Size, crop: Size,
+                       interpolation: Union[str, int] = 'bilinear') -> Image.Image:
+    """``center_crop(resize(img, size), crop)``, computing only the cropped region when the resized image would be
+    much larger than the crop (more than 4x its pixels): PIL's resampling of that region (``resize(box=...)``) with
+    the full resize's scale per axis, so memory stays bounded whatever the aspect ratio. Otherwise the plain
+    resize-then-crop runs, which gives torchvision's pixels exactly."""
+    w, h = img.size
+    new_w, new_h = _resized_size(w, h, size)
+    th, tw = _pair(crop, 'crop')
+    if new_w * new_h <= 4 * tw * th or tw > new_w or th > new_h:
+        return center_crop(resize(img, size, interpolation), crop)
+    top = int(round((new_h - th) / 2.0))
+    left = int(round((new_w - tw) / 2.0))
+    sx, sy = w / new_w, h / new_h  # source pixels per resized pixel, per axis
+    box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+    return img.resize((tw, th), interpolation_of(interpolation), box=box)
 
 
 def center_crop(img: Image.Image, size: Size) -> Image.Image:
@@ -151,6 +182,21 @@ class Resize:
 
     def __repr__(self):
         return f'Resize(size={self.size}, interpolation={self.interpolation})'
+
+
+class ResizeCenterCrop:
+    """``Resize(size)`` then ``CenterCrop(crop)`` in one step, in bounded memory (see :func:`resize_center_crop`)."""
+
+    def __init__(self, size: Size, crop: Size, interpolation: Union[str, int] = 'bilinear'):
+        _pair(size, 'Resize.size')
+        self.size, self.crop = size, _pair(crop, 'CenterCrop.size')
+        self.interpolation = interpolation_of(interpolation)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return resize_center_crop(img, self.size, self.crop, self.interpolation)
+
+    def __repr__(self):
+        return f'Resize(size={self.size}, interpolation={self.interpolation}), CenterCrop(size={self.crop})'
 
 
 class CenterCrop:
@@ -297,7 +343,7 @@ def eval_transform(img_size: Size = 224, resize_to: Optional[Size] = None, crop_
     h, w = _pair(img_size, 'img_size')
     if resize_to is None:
         resize_to = resize_for(min(h, w), DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct))
-    return Compose([Resize(resize_to, interpolation), CenterCrop((h, w)), ToTensor(), Normalize(mean, std)],
+    return Compose([ResizeCenterCrop(resize_to, (h, w), interpolation), ToTensor(), Normalize(mean, std)],
                    output_size=(h, w))
 
 
@@ -511,4 +557,18 @@ def build_modelscope_list(entries: Sequence[Mapping], where: str = 'preprocessor
             op = _ItemOp(op, args.get('input_key'), args.get('output_key'),
                          image_input=kind not in ('Normalize', 'ImageToTensor'))
         ops.append(op)
-    return Compose(ops)
+    return Compose(_fuse_resize_crop(ops))
+
+
+def _fuse_resize_crop(ops: List[Callable]) -> List[Callable]:
+    """Adjacent Resize + CenterCrop on the same item key become one ResizeCenterCrop (bounded memory)."""
+    out: List[Callable] = []
+    for op in ops:
+        prev = out[-1] if out else None
+        if isinstance(op, _ItemOp) and isinstance(op.fn, CenterCrop) and isinstance(prev, _ItemOp) and \
+                isinstance(prev.fn, Resize) and prev.output_key == op.input_key:
+            fused = ResizeCenterCrop(prev.fn.size, op.fn.size, prev.fn.interpolation)
+            out[-1] = _ItemOp(fused, prev.input_key, op.output_key, image_input=True)
+            continue
+        out.append(op)
+    return out

@@ -1,19 +1,38 @@
-"""The trained output folder: everything another user needs to load, run and understand the model.
+"""The trained output folder: everything another user needs to load, run and understand the model, nothing else.
 
-``configuration.json`` (declaring the plugin, finetune off so nothing is dropped on reload), ``pytorch_model.pt``
-(hub layout), ``adapter_model.safetensors`` + ``adapter_config.json`` (tuner-only), ``README.md`` (model card
-with the evaluation results) and ``training_curve.png``. Every file is written to a temporary name first.
+``configuration.json`` (declaring the plugin, finetune off so nothing is dropped on reload, no paths of the
+machine it was trained on), ``pytorch_model.pt`` (hub layout), ``adapter_model.safetensors`` +
+``adapter_config.json`` (tuner-only), ``README.md`` (model card: how to install and use the plugin, the data the
+metrics come from, the license) and ``training_curve.png``.
+
+The folder is written whole or not at all: into a temporary sibling folder, which then replaces ``output/`` by
+renames. After a failure or a kill at any moment ``output/`` is absent or a complete model; leftovers of an
+interrupted export are removed by the next run (:func:`clean_stale_outputs`).
+
+Configurations that ModelScope's built-in model cannot compute (any tuner entry of ours, bypass) name the model
+and pipeline type ``vision-efficient-tuning@modelscope-utuning``, which the plugin registers beside the built-in's
+names: loading such a folder without the plugin then fails with ModelScope's registry error naming the package,
+instead of reaching the built-in (which needs torchvision, and would not compute these tuners).
 """
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
-from typing import Dict, List, Optional
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional
 
-from ..fileio import atomic_write, write_text_atomic
+from ..fileio import atomic_write, fault_point, write_text_atomic
 
 PLUGIN_PACKAGE = 'modelscope-utuning'
+LICENSE = 'apache-2.0'
+# Keys whose values are paths of the training machine (work dirs, checkpoint folders, the backbone file read at
+# the start): a trained folder reloads without them and must not carry them to the hub.
+MACHINE_PATH_KEYS = ('work_dir', 'save_dir', 'out_dir', 'output_dir', 'checkpoint_path', 'pretrained_weights',
+                     'model_dir', 'cache_dir', 'log_dir', 'dataset_dir', 'data_dir')
+_TMP_PREFIX, _OLD_SUFFIX = '.output.tmp-', '.old-'
 
 
 def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] = None) -> Dict:
@@ -29,10 +48,29 @@ def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] =
     # ModelScope's own `plugins` field makes every loader pip-wheel the package from PyPI (it fails offline and
     # for unpublished versions), so the requirement is declared in a field of ours instead.
     from .. import __version__
-    cfg['utuning'] = {'package': PLUGIN_PACKAGE, 'import': 'modelscope_utuning', 'version': __version__}
+    cfg['utuning'] = {'package': PLUGIN_PACKAGE, 'import': 'modelscope_utuning', 'version': __version__,
+                      'requires': f'pip install {PLUGIN_PACKAGE}; import modelscope_utuning before loading'}
     cfg['task'] = 'vision-efficient-tuning'
-    cfg['pipeline'] = {'type': 'vision-efficient-tuning'}
+    from ..registration import model_type_for
+    kind = model_type_for(model.get('backbone') or {})
+    model['type'] = kind
+    cfg['pipeline'] = {'type': kind}
+    return scrub_machine_paths(cfg)
+
+
+def scrub_machine_paths(cfg: Any) -> Any:
+    """``cfg`` without the keys that hold paths of the training machine (:data:`MACHINE_PATH_KEYS`) and without any
+    other absolute path value, at any depth."""
+    if isinstance(cfg, dict):
+        return {k: scrub_machine_paths(v) for k, v in cfg.items()
+                if k not in MACHINE_PATH_KEYS and not _is_machine_path(v)}
+    if isinstance(cfg, list):
+        return [scrub_machine_paths(v) for v in cfg if not _is_machine_path(v)]
     return cfg
+
+
+def _is_machine_path(v: Any) -> bool:
+    return isinstance(v, str) and os.path.isabs(v) and len(v) > 1
 
 
 def read_log(log_json: Optional[str]) -> List[Dict]:
@@ -83,16 +121,24 @@ def write_training_curve(rows: List[Dict], path: str) -> bool:
     return True
 
 
-def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int, has_curve: bool) -> str:
-    tuners = cfg.get('model', {}).get('backbone', {}).get('tuners') or []
+def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int, has_curve: bool,
+               data: Optional[Dict[str, str]] = None) -> str:
+    from .. import __version__
     from ..tuners.base import legacy_keys
+    tuners = cfg.get('model', {}).get('backbone', {}).get('tuners') or []
     legacy = {k: v for k, v in cfg.get('model', {}).get('backbone', {}).items() if k in legacy_keys()}
+    data = data or {}
     lines = [
-        '---', 'tasks:', '- vision-efficient-tuning', 'frameworks:', '- pytorch', '---', '',
+        '---', 'tasks:', '- vision-efficient-tuning', 'frameworks:', '- pytorch', f'license: {LICENSE}',
+        'tags:', '- modelscope-utuning', '- parameter-efficient-tuning', '---', '',
         '# U-Tuning vision-efficient-tuning model', '',
-        'Trained with [modelscope-utuning](https://arxiv.org/abs/2303.00690): a frozen ViT whose operations carry',
-        'small trainable U-Tuners, `x\' = OP(x) + s * U(x)`.', '',
-        '## Use', '', '```python', 'import modelscope_utuning  # registers the plugin',
+        'Trained with [modelscope-utuning](https://pypi.org/project/modelscope-utuning/) (U-Tuning, '
+        '[arXiv 2303.00690](https://arxiv.org/abs/2303.00690)): a frozen ViT whose operations carry small trainable',
+        'tuners, `x\' = OP(x) + s * U(x)`.', '',
+        '## Use', '',
+        f'This model needs the plugin: `pip install {PLUGIN_PACKAGE}>={__version__}`, then import it before loading',
+        '(without it ModelScope does not know this model type).', '',
+        '```python', 'import modelscope_utuning  # registers the plugin with ModelScope',
         'from modelscope.pipelines import pipeline', "p = pipeline('vision-efficient-tuning', '<this folder or hub id>')",
         "print(p('image.jpg'))  # {'scores': [...], 'labels': [...]}", '```', '',
         '## Tuners', '', '```json', json.dumps({'tuners': tuners, **legacy}, indent=2), '```', '',
@@ -102,36 +148,80 @@ def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int,
         '## Evaluation', '',
     ]
     if eval_results:
+        lines += [f'On {data.get("eval", "the evaluation data given to the trainer")} (training data: '
+                  f'{data.get("train", "not recorded")}):', '']
         lines += ['| metric | value |', '| --- | --- |']
         lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in eval_results.items()]
     else:
-        lines.append('No evaluation was run.')
+        lines.append(f'No evaluation was run (training data: {data.get("train", "not recorded")}).')
     if has_curve:
         lines += ['', '![training curve](training_curve.png)']
-    lines += ['', 'Files: `pytorch_model.pt` (ModelScope hub layout), `adapter_model.safetensors` +',
-              '`adapter_config.json` (tuner and head weights only), `configuration.json`.', '']
+    lines += ['', '## Files', '', '`pytorch_model.pt` (ModelScope hub layout), `adapter_model.safetensors` +',
+              '`adapter_config.json` (tuner and head weights only), `configuration.json`.', '',
+              '## License', '',
+              f'The weights of this model are released under {LICENSE} as far as its training code is concerned; the '
+              'frozen backbone they contain comes from its pre-trained source, whose license also applies.', '']
     return '\n'.join(lines)
 
 
+def clean_stale_outputs(output_dir: str) -> None:
+    """Remove what an interrupted run left beside ``output_dir`` (temporary and replaced output folders, temporary
+    files of an interrupted checkpoint write). Call it holding the work_dir's lock."""
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    for path in glob.glob(os.path.join(parent, _TMP_PREFIX + '*')) + \
+            glob.glob(os.path.join(parent, name + _OLD_SUFFIX + '*')):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in glob.glob(os.path.join(parent, '.tmp-*')):
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
-                  log_json: Optional[str] = None) -> str:
-    """Write the whole output folder for ``model`` (a VisionEfficientTuningModel); returns the folder."""
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_hub_checkpoint(output_dir)
-    stale = os.path.join(output_dir, 'pytorch_model.bin')  # ModelScope's link of the raw epoch file
-    if os.path.lexists(stale):
-        os.remove(stale)
-    model.model.save_tuners(output_dir)
-    out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
-    write_text_atomic(os.path.join(output_dir, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
-    write_card(model, out_cfg, output_dir, eval_results, log_json)
+                  log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> str:
+    """Write the whole output folder for ``model`` (a VisionEfficientTuningModel), replacing ``output_dir`` only
+    once every file is written; returns the folder."""
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
+    try:
+        model.save_hub_checkpoint(tmp)
+        model.model.save_tuners(tmp)
+        out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
+        write_text_atomic(os.path.join(tmp, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
+        write_card(model, out_cfg, tmp, eval_results, log_json, data)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return output_dir
 
 
+def _fsync_dir(folder: str) -> None:
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), 'rb') as f:
+            os.fsync(f.fileno())
+
+
+def _replace_dir(new: str, target: str) -> None:
+    """``new`` becomes ``target``: the old one is renamed aside first, then removed; in between, no ``target``."""
+    old = None
+    fault_point('export_ready')  # every file written, output/ not replaced yet
+    if os.path.lexists(target):
+        old = f'{target}{_OLD_SUFFIX}{os.getpid()}'
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(target, old)
+        fault_point('export_between_renames')  # the old output aside, the new one not in place: no output/
+    os.rename(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_card(model, out_cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
-               log_json: Optional[str] = None) -> None:
+               log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> None:
     """``README.md`` and ``training_curve.png`` of the output folder (cheap: no weights are written)."""
     has_curve = write_training_curve(read_log(log_json), os.path.join(output_dir, 'training_curve.png'))
     trainable, total = model.trainable_parameters()
     write_text_atomic(os.path.join(output_dir, 'README.md'),
-                      model_card(model, out_cfg, eval_results or {}, trainable, total, has_curve))
+                      model_card(model, out_cfg, eval_results or {}, trainable, total, has_curve, data))

@@ -31,24 +31,22 @@ from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, wa
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR, apply_defaults
+from . import checkpointing
+from .checkpointing import trainer_state_globals
 from .distributed import DataParallelHook
-from .export import export_output, output_configuration, write_card
+from .export import clean_stale_outputs, export_output, output_configuration, write_card
+from .labels import map_onto, reference_classes
 from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
+from .validate import validate_config
 from .warmup import StepWarmup, warmup_iters
+from .workdir import WorkDirLock
 
 logger = get_logger()
 
 
-def trainer_state_globals():
-    """The non-tensor types in ModelScope's ``*_trainer_state.pth`` (NumPy's RNG state). Allow-listing them keeps
-    ``torch.load(weights_only=True)`` - ModelScope's resume path - working on torch >= 2.6 without unpickling
-    arbitrary objects."""
-    import numpy as np
-    core = getattr(np, '_core', None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 OUR_OPTIMIZER_KEYS = ('head_lr',)
 
 
@@ -83,7 +81,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
         self._amp_arg, self._on_bad_image_arg = amp, on_bad_image
         self._has_eval_data = kwargs.get('eval_dataset') is not None
-        self.dataset_classes = None
+        self.label_classes = None  # the class list every dataset is mapped onto (training/labels.py)
+        self._label_space_set = False
         launcher = kwargs.pop('launcher', None)
         if launcher is not None:  # our hook instead of ModelScope's CUDA-only DDPHook
             callbacks = kwargs.get('callbacks') or []
@@ -96,8 +95,11 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         if self.precision == 'fp16':
             self.use_fp16 = True  # ModelScope's TorchAMPOptimizerHook: autocast + GradScaler
         self.register_hook(ExactResumeHook())
-        if self.dataset_classes and self.model_unwrapped.CLASSES is None:
-            self.model_unwrapped.CLASSES = list(self.dataset_classes)
+        model = self.model_unwrapped
+        checkpointing.install(self, output_configuration(self.cfg.to_dict(), model.head.num_classes,
+                                                         model.model.resolved_backbone_config())['model'])
+        self.lock = WorkDirLock(self.work_dir)
+        self.lock.check()  # another live run on this work_dir: say so now, not halfway
 
     # -- configuration -----------------------------------------------------------------------------------
     def rebuild_config(self, cfg):
@@ -105,9 +107,16 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
         # before the model and data are built, so that their memory already follows the setting
         self.cpu_allocator_changed = use_cpu_allocator(cfg.safe_get('train.cpu_allocator') or 'default')
+        validate_config(cfg)
         hooks = [h.get('type') for h in (cfg.safe_get('train.hooks') or [])]
-        if getattr(self, '_has_eval_data', False) and 'EvaluationHook' not in hooks \
-                and cfg.safe_get('evaluation.period') is None:
+        if not getattr(self, '_has_eval_data', False):
+            # ModelScope's evaluation hook with no data to evaluate fails at the end of training, after the last
+            # epoch, losing the run: without an eval set there is nothing for it to do.
+            if cfg.safe_get('evaluation.period') is not None:
+                cfg.evaluation.pop('period')
+            if 'EvaluationHook' in hooks:
+                cfg.train.hooks = [h for h in cfg.train.hooks if h.get('type') != 'EvaluationHook']
+        elif 'EvaluationHook' not in hooks and cfg.safe_get('evaluation.period') is None:
             cfg.evaluation.period = ConfigDict(interval=1)  # evaluate after every epoch (log + model card)
         head = cfg.safe_get('model.head') or {}
         metrics = list(cfg.safe_get('evaluation.metrics') or [])
@@ -154,9 +163,15 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         ds = load_dataset_any(datasets)
         ds.transform = preprocessor
         ds.on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
-        if mode == ModeKeys.TRAIN and ds.classes:
-            self.dataset_classes = list(ds.classes)
-        return ds
+        model = self.model_unwrapped
+        if not self._label_space_set:  # the training data when there is one (it is built first), else the model
+            self.label_classes = reference_classes(model, ds if mode == ModeKeys.TRAIN else None)
+            self._label_space_set = True
+            if self.label_classes is not None and not model.head_loaded:
+                n = model.head.num_classes
+                model.CLASSES = list(self.label_classes) + [f'class_{i}' for i in range(len(self.label_classes), n)]
+        role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
+        return map_onto(ds, self.label_classes, model.head.num_classes, role)
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, cfg: ConfigDict, default_args: dict = None):
@@ -222,18 +237,26 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         return values
 
     # -- running -----------------------------------------------------------------------------------------------
-    def train(self, *args, **kwargs):
+    def train(self, checkpoint_path: Optional[str] = None, *args, **kwargs):
+        """ModelScope's training loop; at the end ``work_dir/output`` is written whole (a temporary folder, then a
+        rename), so after any failure or kill it is absent or holds a complete trained model.
+        ``checkpoint_path`` resumes from an ``epoch_N.pth`` (see :func:`.checkpointing.latest_checkpoint`)."""
+        if checkpoint_path is not None:
+            checkpointing.check_resume_file(checkpoint_path)
         trainable, total = self.model_unwrapped.trainable_parameters()
         self.logger.info(f'U-Tuning: training {trainable:,} of {total:,} parameters '
                          f'({100.0 * trainable / total:.3f}%), precision {self.precision}')
-        with torch.serialization.safe_globals(trainer_state_globals()):
-            result = super().train(*args, **kwargs)
-        if is_master():
-            self.export_output()
+        with self.lock:
+            if is_master():
+                clean_stale_outputs(self.output_dir)
+            with torch.serialization.safe_globals(trainer_state_globals()):
+                result = super().train(checkpoint_path, *args, **kwargs)
+            if is_master():
+                self.export_output()
         return result
 
     def evaluate(self, *args, **kwargs) -> Dict[str, float]:
-        with torch.serialization.safe_globals(trainer_state_globals()):
+        with self.lock, torch.serialization.safe_globals(trainer_state_globals()):
             results = super().evaluate(*args, **kwargs)
         self.last_eval = dict(results or {})
         out = self.output_dir
@@ -242,7 +265,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             model = self.model_unwrapped  # refresh only the model card with these results
             write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes,
                                                    model.model.resolved_backbone_config()), out,
-                       self.last_eval, self._log_json)
+                       self.last_eval, self._log_json, self._data_description())
         return results
 
     @property
@@ -250,12 +273,18 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         return os.path.join(self.work_dir, ModelFile.TRAIN_OUTPUT_DIR)
 
     def export_output(self) -> str:
-        """(Re)write ``work_dir/output``: hub checkpoint, tuner-only weights, configuration, card, curve."""
-        model = self.model_unwrapped
-        if self.dataset_classes and (model.CLASSES is None or len(model.CLASSES) != model.head.num_classes):
-            model.CLASSES = list(self.dataset_classes)
+        """(Re)write ``work_dir/output`` whole: hub checkpoint, tuner-only weights, configuration, card, curve."""
         results = getattr(self, 'last_eval', None) or self._metric_values or {}
-        return export_output(model, self.cfg.to_dict(), self.output_dir, results, self._log_json)
+        return export_output(self.model_unwrapped, self.cfg.to_dict(), self.output_dir, results, self._log_json,
+                             data=self._data_description())
+
+    def _data_description(self) -> Dict[str, str]:
+        out = {}
+        for role, ds in (('train', self.train_dataset), ('eval', self.eval_dataset)):
+            if ds is not None:
+                source = getattr(ds, 'source', None) or type(ds).__name__
+                out[role] = f'{os.path.basename(str(source).rstrip("/")) or source} ({len(ds)} images)'
+        return out
 
     @property
     def _log_json(self) -> str:
