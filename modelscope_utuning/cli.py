@@ -6,7 +6,7 @@
     modelscope-utuning train MODEL --train-data DATA [--eval-data DATA] [--work-dir DIR] [key=value ...]
     modelscope-utuning eval MODEL --data DATA [--json]
     modelscope-utuning predict MODEL IMAGE_OR_FOLDER ... [--topk K] [--json]
-    modelscope-utuning export MODEL OUT_DIR (--tuner-only | --merge-lora)
+    modelscope-utuning export MODEL OUT_DIR (--tuner-only | --merge-lora | --onnx)
     modelscope-utuning push MODEL_DIR OWNER/NAME          # token from $MODELSCOPE_API_TOKEN
 
 MODEL is a model folder (configuration.json, and pytorch_model.pt once trained), a hub id (``owner/name``), a
@@ -448,8 +448,18 @@ def _prepare_out_dir(path: str, force: bool) -> str:
 
 
 def cmd_export(args) -> int:
-    if args.tuner_only == args.merge_lora:
-        raise CLIError('choose one of --tuner-only or --merge-lora')
+    if sum(map(bool, (args.tuner_only, args.merge_lora, args.onnx))) != 1:
+        raise CLIError('choose one of --tuner-only, --merge-lora or --onnx')
+    if args.onnx:
+        from .deploy import onnx_export
+        from .extras import MissingExtraError
+        try:  # before the model is loaded: a missing package is a setup problem, said in one line
+            onnx_export.require_exporter()
+            onnx_export.require_runtime()
+        except MissingExtraError as e:
+            raise CLIError(str(e)) from None
+    if args.opset is not None and not args.onnx:
+        raise CLIError('--opset goes with --onnx')
     model_spec = resolve_model(args.model, allow_config=False)
     if args.base_weights and not os.path.isfile(args.base_weights):
         raise CLIError(f'--base-weights {args.base_weights!r}: no such file')
@@ -473,6 +483,8 @@ def cmd_export(args) -> int:
         print('reload: modelscope_utuning.model_from_tuners('
               f'{out!r}, pretrained_weights=<the frozen backbone file>)')
         return 0
+    if args.onnx:
+        return _export_onnx(model, out, args.opset)
     from .model import has_lora, merge_lora
     from .training.export import export_output
     if not has_lora(model):
@@ -482,6 +494,25 @@ def cmd_export(args) -> int:
     cfg.setdefault('model', {})['backbone'] = dict(model.backbone_config or {})
     export_output(model, cfg, out)
     print(f'merged LoRA into the backbone weights: {out} (a model folder for pipeline() / Model.from_pretrained)')
+    return 0
+
+
+def _export_onnx(model, out: str, opset: Optional[int]) -> int:
+    from .deploy.onnx_export import export_onnx, max_abs_difference
+    model.eval()
+    result = export_onnx(model, out, opset=opset)
+    print(f'ONNX export: {result["onnx"]} (opset {result["opset"]}, dynamic batch axis); '
+          f'configuration.json and the preprocessing beside it')
+    if result['merged']:
+        print(f'merged into the frozen weights first: {", ".join(result["merged"])}')
+    for note in result['notes']:
+        print(note)
+    diffs = max_abs_difference(model, out)
+    print('onnxruntime vs torch, max |difference| of scores and logits: '
+          + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
+    if max(diffs.values()) > 1e-4:
+        raise RuntimeError(f'the ONNX model differs from the torch model by {max(diffs.values()):.2e} (> 1e-4)')
+    print(f'run it: modelscope_utuning.deploy.onnx_export.OnnxClassifier({out!r})(image)')
     return 0
 
 
@@ -578,15 +609,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', '-o', metavar='FILE', help='write the table / JSON to FILE')
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser('export', help='write tuner-only weights, or a model folder with LoRA merged',
+    p = sub.add_parser('export', help='write tuner-only weights, a model folder with LoRA merged, or ONNX',
                        description='--tuner-only: adapter_model.safetensors + adapter_config.json (tuners, BitFit '
                        'biases, head; no backbone). --merge-lora: fold LoRA into the frozen weights and write a '
-                       'new model folder that runs without the low-rank branch.')
+                       'new model folder that runs without the low-rank branch. --onnx: model.onnx (dynamic batch, '
+                       'mergeable tuners folded in) + configuration.json + preprocessing.json, checked against '
+                       'torch with onnxruntime (extra [onnx]).')
     p.add_argument('model', help='trained model folder or hub id')
     p.add_argument('out_dir', help='folder to write (must be new or empty unless --force)')
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument('--tuner-only', action='store_true')
     mode.add_argument('--merge-lora', action='store_true')
+    mode.add_argument('--onnx', action='store_true')
+    p.add_argument('--opset', type=int, help='with --onnx: ONNX opset (default: the exporter\'s)')
     p.add_argument('--base-weights', metavar='FILE',
                    help='with --tuner-only: record this frozen backbone file for model_from_tuners()')
     p.add_argument('--force', action='store_true', help='write into a non-empty folder')

@@ -71,11 +71,27 @@ def _check_model_path(model: Any) -> Any:
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, 'configuration.json')):
             raise ValueError(f'model folder {model!r} has no configuration.json')
+        _refuse_onnx_export(model)
         return os.path.abspath(model)
     if os.path.exists(model) or not _HUB_ID.match(model):
         raise ValueError(f'model {model!r}: not a model folder (with configuration.json) nor a hub id '
                          "like 'owner/name'")
     return model
+
+
+def _refuse_onnx_export(folder: str) -> None:
+    """An ONNX export (``modelscope-utuning export --onnx``) holds no torch weights: say how to run it rather than
+    fail in the model registry."""
+    from .deploy.onnx_export import ONNX_MODEL_TYPE
+    from .fileio import read_json_object
+    try:
+        model_type = (read_json_object(os.path.join(folder, 'configuration.json')).get('model') or {}).get('type')
+    except ValueError:
+        return  # the model builder reports an unreadable configuration
+    if model_type == ONNX_MODEL_TYPE:
+        raise ValueError(f'{folder!r} is an ONNX export ({ONNX_MODEL_TYPE}): run it with '
+                         'modelscope_utuning.deploy.onnx_export.OnnxClassifier(folder), or give pipeline() the '
+                         'model folder it was exported from')
 
 
 class VisionEfficientTuningPipeline(Pipeline):

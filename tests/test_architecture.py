@@ -3,13 +3,13 @@
 Layers, lowest first (a module may import its own layer and those below it, never one above, not even inside a
 function):
 
-0. ``fileio``: file helpers.
+0. ``fileio``, ``extras``: file helpers; optional dependencies (import one or name the extra that installs it).
 1. ``backbone``: the frozen ViT, its hook contract, the runner.
 2. ``tuners``: the tuner protocol, registry and kinds.
 3. ``checkpoint``: file formats (hub layout, tuner-only files, converters, merge, the load report).
 4. ``head``, ``backbone_config``, ``network``: the plain-torch classifier.
 5. the ModelScope glue: ``compat``, ``registration``, ``model``, ``pipeline``, ``preprocessing``, ``data``,
-   ``training``.
+   ``training``, ``deploy`` (ONNX export, the web demo).
 6. the entry points: ``cli``, ``demo``, the package itself.
 """
 import ast
@@ -20,8 +20,9 @@ import pytest
 from modelscope_utuning.tuners import tuner_kinds
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'modelscope_utuning')
-LAYERS = [('fileio',), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
-          ('compat', 'registration', 'model', 'pipeline', 'preprocessing', 'data', 'training'),
+LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
+          ('compat', 'registration', 'model', 'pipeline', 'preprocessing', 'data', 'training',
+           'deploy'),
           ('cli', 'demo', '__main__', '__init__')]
 
 

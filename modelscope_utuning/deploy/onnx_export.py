@@ -1,0 +1,278 @@
+"""ONNX export of a trained U-Tuning classifier: ``OUT/model.onnx`` plus what is needed to run it.
+
+What is written:
+
+- ``model.onnx``: input ``imgs`` float32 ``(batch, 3, H, W)`` (already preprocessed), outputs ``scores`` (softmax,
+  what ``model({'imgs': x})['scores']`` gives) and ``logits``, both ``(batch, num_classes)``; the batch axis is
+  dynamic. The weights are stored inside the file (no external-data side file).
+- ``configuration.json``: the preprocessing (our preprocessor's section, with the crop size written out), the
+  class names and an ``onnx`` section describing the graph. Its model type is ``vision-efficient-tuning-onnx``:
+  ``pipeline()`` refuses the folder, saying how to run it, instead of building a torch model with random weights
+  from it. :class:`OnnxClassifier` runs it.
+- ``preprocessing.json``: the same preprocessing as plain steps (resize, center crop, scale, normalise) for
+  runtimes without this package.
+
+Before export, tuners that fold into the frozen weights (every kind whose class says ``mergeable``, e.g. LoRA)
+are merged into a copy of the network with :meth:`~modelscope_utuning.network.VisionEfficientTuning.merge`, so the
+graph holds plain linears; where merging would change the outputs (another tuner reads the projection a merged
+one changes) that kind stays unmerged and is exported as ordinary ops, as are all parallel and sequential tuners
+and bypass mode. The export goes through ``torch.onnx.export(dynamo=True)``; the frozen linears' oneDNN fast path
+(:mod:`..backbone.linear`) steps aside while exporting, so the graph has only standard ONNX ops.
+
+Needs the extra ``[onnx]`` (onnx, onnxscript for the exporter, onnxruntime to verify and run).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..extras import require
+from ..fileio import read_json_object, write_text_atomic
+from ..model import VisionEfficientTuningModel
+from ..network import VisionEfficientTuning
+from ..preprocessing.preprocessor import OUR_TYPE
+
+ONNX_FILE = 'model.onnx'
+PREPROCESSING_FILE = 'preprocessing.json'
+CONFIG_FILE = 'configuration.json'
+ONNX_MODEL_TYPE = 'vision-efficient-tuning-onnx'
+INPUT_NAME = 'imgs'
+OUTPUT_NAMES = ('scores', 'logits')
+BATCH_AXIS = 'batch'
+EXTRA = 'onnx'
+
+
+def require_exporter() -> None:
+    """MissingExtraError (with the install line) unless the exporter's packages import."""
+    for module in ('onnx', 'onnxscript'):
+        require(module, EXTRA, 'ONNX export')
+
+
+def require_runtime():
+    """The ``onnxruntime`` module, or MissingExtraError with the install line."""
+    return require('onnxruntime', EXTRA, 'running an ONNX model')
+
+
+class ExportedClassifier(nn.Module):
+    """``imgs (B, 3, H, W) -> (scores, logits)``: the network's logits and their softmax in float32, as the
+    ModelScope model's eval forward computes them, as plain tensors (an ONNX graph has no dict outputs)."""
+
+    def __init__(self, net: VisionEfficientTuning):
+        super().__init__()
+        self.net = net
+
+    def forward(self, imgs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = self.net(imgs).float()
+        return torch.softmax(logits, dim=1), logits
+
+
+def _network(model) -> VisionEfficientTuning:
+    if isinstance(model, VisionEfficientTuningModel):
+        return model.model
+    if isinstance(model, VisionEfficientTuning):
+        return model
+    raise TypeError(f'expected a VisionEfficientTuningModel or VisionEfficientTuning, got {type(model).__name__}')
+
+
+def merged_copy(model) -> Tuple[VisionEfficientTuning, List[str], List[str]]:
+    """A float32 eval-mode copy of ``model``'s network with every mergeable tuner kind folded in where that keeps
+    the outputs -> (network, merged kinds, notes on kinds left unmerged). The caller's model is not touched."""
+    net = copy.deepcopy(_network(model)).float().eval()
+    kinds = sorted({t.kind for _, t, _ in net.tuners() if t.mergeable})
+    if not kinds:
+        return net, [], []
+    try:
+        return net, net.merge(kinds), []
+    except ValueError:
+        pass  # some kind conflicts with a tuner left in place: merge the kinds that do not, one by one
+    merged, notes = [], []
+    for kind in kinds:
+        try:
+            merged += net.merge([kind])
+        except ValueError as e:
+            notes.append(f'{kind} not merged (exported as ordinary ops): {e}')
+    return net, merged, notes
+
+
+def _configuration(model, cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    if cfg is not None:
+        return copy.deepcopy(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
+    model_dir = getattr(model, 'model_dir', None)
+    path = os.path.join(model_dir, CONFIG_FILE) if model_dir else None
+    return read_json_object(path) if path and os.path.isfile(path) else {}
+
+
+def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
+    from ..preprocessing.preprocessor import VisionEfficientTuningPreprocessor
+    from modelscope.utils.constant import ModeKeys
+    return VisionEfficientTuningPreprocessor.from_model_dir(cfg=cfg, mode=ModeKeys.INFERENCE, img_size=list(img_size))
+
+
+def describe_preprocessing(preprocessor) -> Optional[List[Dict[str, Any]]]:
+    """The eval transform as plain steps, or None when it is a ModelScope transform list (which only our
+    preprocessor, reading configuration.json, reproduces)."""
+    from ..preprocessing.transforms import INTERPOLATIONS, CenterCrop, Normalize, Resize, ToTensor
+    names = {v: k for k, v in INTERPOLATIONS.items()}
+    transform = preprocessor.eval_transform
+    if transform.output_size is None:
+        return None
+    steps: List[Dict[str, Any]] = [{'op': 'load', 'mode': 'RGB', 'note': 'EXIF orientation applied'}]
+    for t in transform.transforms:
+        if isinstance(t, Resize):
+            size = t.size
+            if isinstance(size, Sequence) and len(size) == 2:
+                steps.append({'op': 'resize', 'height': int(size[0]), 'width': int(size[1]),
+                              'interpolation': names[t.interpolation]})
+            else:
+                side = int(size[0] if isinstance(size, Sequence) else size)
+                steps.append({'op': 'resize_shorter_side', 'size': side, 'interpolation': names[t.interpolation],
+                              'note': 'longer side = int(size * long / short), PIL Image.resize'})
+        elif isinstance(t, CenterCrop):
+            steps.append({'op': 'center_crop', 'height': t.size[0], 'width': t.size[1]})
+        elif isinstance(t, ToTensor):
+            steps.append({'op': 'to_float', 'scale': 1 / 255, 'layout': 'CHW'})
+        elif isinstance(t, Normalize):
+            steps.append({'op': 'normalize', 'mean': list(t.mean), 'std': list(t.std)})
+        else:
+            return None
+    steps.append({'op': 'stack', 'layout': 'NCHW', 'dtype': 'float32'})
+    return steps
+
+
+def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset: Optional[int] = None,
+                merge: bool = True, example_batch: int = 2) -> Dict[str, Any]:
+    """Write ``out_dir/model.onnx``, ``configuration.json`` and ``preprocessing.json`` for ``model`` (our ModelScope
+    model or its network); ``cfg``: its configuration (read from ``model.model_dir`` when None). Returns
+    ``{'onnx': path, 'merged': [kinds], 'notes': [...], 'opset': int}``."""
+    require_exporter()
+    if merge:
+        net, merged, notes = merged_copy(model)
+    else:
+        net, merged, notes = copy.deepcopy(_network(model)).float().eval(), [], []
+    wrapper = ExportedClassifier(net).eval()
+    img_size = tuple(net.backbone.patch_embed.img_size)
+    example = torch.randn(example_batch, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ONNX_FILE)
+    kwargs = {} if opset is None else {'opset_version': int(opset)}
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
+    with torch.no_grad(), _quiet_registry_warnings():
+        program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                                    dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, dynamo=True,
+                                    verbose=False, **kwargs)
+    program.save(path, external_data=False)
+    opset_used = _opset_of(program)
+
+    full = _configuration(model, cfg)
+    pre = _inference_preprocessor(full, img_size)
+    section = copy.deepcopy(full.get('preprocessor') or {'type': OUR_TYPE})
+    if section.get('type') == OUR_TYPE:
+        section['img_size'] = list(img_size)  # written out: the backbone section is not copied
+    classes = list(net.CLASSES) if net.CLASSES is not None else None
+    steps = describe_preprocessing(pre)
+    onnx_info = {'file': ONNX_FILE, 'input': {'name': INPUT_NAME, 'shape': [BATCH_AXIS, 3, *img_size],
+                                              'dtype': 'float32'},
+                 'outputs': [{'name': n, 'shape': [BATCH_AXIS, net.head.num_classes]} for n in OUTPUT_NAMES],
+                 'opset': opset_used, 'merged_tuners': merged, 'notes': notes,
+                 'preprocessing': PREPROCESSING_FILE if steps is not None else 'configuration.json preprocessor'}
+    from .. import __version__
+    out_cfg = {'framework': 'onnx', 'task': 'vision-efficient-tuning', 'pipeline': {'type': 'vision-efficient-tuning'},
+               'model': {'type': ONNX_MODEL_TYPE, 'CLASSES': classes,
+                         'num_classes': net.head.num_classes, 'img_size': list(img_size)},
+               'preprocessor': section, 'onnx': onnx_info,
+               'utuning': {'package': 'modelscope-utuning', 'import': 'modelscope_utuning', 'version': __version__}}
+    write_text_atomic(os.path.join(out_dir, CONFIG_FILE), json.dumps(out_cfg, indent=4) + '\n')
+    if steps is not None:
+        write_text_atomic(os.path.join(out_dir, PREPROCESSING_FILE),
+                          json.dumps({'input': INPUT_NAME, 'steps': steps, 'classes': classes}, indent=4) + '\n')
+    return {'onnx': path, 'merged': merged, 'notes': notes, 'opset': opset_used}
+
+
+@contextlib.contextmanager
+def _quiet_registry_warnings():
+    """The exporter logs one warning per torchvision op it cannot register when torchvision is absent (as it is
+    here by design); none of them concerns this model."""
+    log = logging.getLogger('torch.onnx._internal.exporter._registration')
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _opset_of(program) -> Optional[int]:
+    try:
+        return int(program.model.opset_imports.get('', 0)) or None
+    except AttributeError:
+        return None
+
+
+class OnnxClassifier:
+    """Runs an exported folder with onnxruntime: images -> ``{'scores': [top-k], 'labels': [names]}`` like
+    ``pipeline('vision-efficient-tuning')``, or :meth:`run` on preprocessed batches.
+
+    The images go through our preprocessor built from the folder's configuration.json (the same floats as the
+    pipeline's)."""
+
+    def __init__(self, folder: str, threads: Optional[int] = None):
+        ort = require_runtime()
+        self.folder = folder
+        self.config = read_json_object(os.path.join(folder, CONFIG_FILE))
+        if self.config.get('model', {}).get('type') != ONNX_MODEL_TYPE:
+            raise ValueError(f'{folder!r} is not an ONNX export of modelscope-utuning (model.type is not '
+                             f'{ONNX_MODEL_TYPE!r})')
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(os.path.join(folder, self.config['onnx']['file']), options,
+                                            providers=['CPUExecutionProvider'])
+        self.classes = self.config['model'].get('CLASSES')
+        self.preprocessor = _inference_preprocessor(self.config, tuple(self.config['model']['img_size']))
+
+    def run(self, imgs) -> Dict[str, np.ndarray]:
+        """Preprocessed float32 ``(B, 3, H, W)`` (tensor or array) -> ``{'scores': (B, C), 'logits': (B, C)}``."""
+        x = imgs.detach().cpu().numpy() if isinstance(imgs, torch.Tensor) else np.asarray(imgs)
+        outs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.astype(np.float32, copy=False)})
+        return dict(zip(OUTPUT_NAMES, outs))
+
+    def __call__(self, image, topk: int = 5) -> Dict[str, list]:
+        scores = self.run(self.preprocessor(image)['imgs'][None])['scores'][0]
+        order = np.argsort(-scores, kind='stable')[:min(topk, scores.size)]
+        labels = [str(self.classes[i]) if self.classes and i < len(self.classes) else str(i) for i in order]
+        return {'scores': [float(scores[i]) for i in order], 'labels': labels}
+
+
+def max_abs_difference(model, folder: str, batch_sizes: Iterable[int] = (1, 3), seed: int = 0) -> Dict[int, float]:
+    """Largest |onnxruntime - torch| over scores and logits, per batch size, on random inputs: the check the command
+    line prints after exporting. ``model``: the model that was exported (unmerged is fine: merging keeps outputs)."""
+    net = _network(model)
+    was_training = net.training
+    net.eval()
+    clf = OnnxClassifier(folder)
+    size = tuple(clf.config['model']['img_size'])
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    try:
+        for n in batch_sizes:
+            x = torch.randn(n, 3, *size, generator=g)
+            with torch.no_grad():
+                logits = net(x).float()
+            ref = {'scores': torch.softmax(logits, 1).numpy(), 'logits': logits.numpy()}
+            got = clf.run(x)
+            out[int(n)] = max(float(np.abs(got[k] - ref[k]).max()) for k in OUTPUT_NAMES)
+    finally:
+        net.train(was_training)
+    return out
+
+
+__all__ = ['ExportedClassifier', 'OnnxClassifier', 'describe_preprocessing', 'export_onnx', 'max_abs_difference',
+           'merged_copy', 'require_exporter', 'require_runtime']
