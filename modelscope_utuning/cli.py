@@ -8,6 +8,7 @@
     modelscope-utuning predict MODEL IMAGE_OR_FOLDER ... [--topk K] [--json]
     modelscope-utuning export MODEL OUT_DIR (--tuner-only | --merge-lora | --onnx)
     modelscope-utuning push MODEL_DIR OWNER/NAME          # token from $MODELSCOPE_API_TOKEN
+    modelscope-utuning serve MODEL [--host H] [--port P]  # web demo (extra [gradio])
 
 MODEL is a model folder (configuration.json, and pytorch_model.pt once trained), a hub id (``owner/name``), a
 preset name (``modelscope-utuning presets`` lists them) or the path of a configuration.json. DATA is an image
@@ -539,6 +540,24 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .deploy import app as web
+    from .extras import MissingExtraError
+    if not 0 < args.port < 65536:
+        raise CLIError(f'--port {args.port}: expected 1 to 65535')
+    if args.topk < 1:
+        raise CLIError(f'--topk {args.topk}: expected a positive number')
+    try:
+        web.require_gradio()  # before the model is loaded: a missing package is a setup problem, said in one line
+    except MissingExtraError as e:
+        raise CLIError(str(e)) from None
+    model = resolve_model(args.model, allow_config=False)
+    page = web.build_app(model, topk=args.topk, device=args.device)
+    print(f'serving {args.model} on http://{args.host}:{args.port} (Ctrl+C stops)', flush=True)
+    web.launch(page, host=args.host, port=args.port, quiet=True)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     if args.threads is not None and args.threads < 0:
@@ -636,6 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--message', '-m', help='commit message')
     p.add_argument('--revision', default=None, help='branch to commit to (default master)')
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser('serve', help='web demo: upload an image, see its top-5 labels (Gradio)',
+                       description='A Gradio page for MODEL through pipeline(\'vision-efficient-tuning\'); offline '
+                       '(no analytics, no share link, system fonts). Needs the extra [gradio].')
+    p.add_argument('model', help='trained model folder or hub id')
+    p.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1; 0.0.0.0 for all)')
+    p.add_argument('--port', type=int, default=7860, help='default 7860')
+    p.add_argument('--topk', type=int, default=5, help='labels shown (default 5)')
+    p.add_argument('--device', default=None, help="'cpu', 'gpu' or 'cuda:N' (default: a GPU when there is one)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser('demo', help='the embedded demo: pre-train a tiny ViT, U-Tune it, predict (CPU, offline)',
                        description='Runs offline in a few minutes on 2 CPU cores on Fashion-MNIST images shipped '

@@ -3,7 +3,9 @@
 ``configuration.json`` (declaring the plugin, finetune off so nothing is dropped on reload, no paths of the
 machine it was trained on), ``pytorch_model.pt`` (hub layout), ``adapter_model.safetensors`` +
 ``adapter_config.json`` (tuner-only), ``README.md`` (model card: how to install and use the plugin, the data the
-metrics come from, the license) and ``training_curve.png``.
+metrics come from, the license), ``training_curve.png``, and ``app.py`` + ``requirements.txt``: the web
+demo of the folder itself (:mod:`..deploy.app`), so that the folder also runs as a ModelScope Studio app as it
+stands.
 
 The folder is written whole or not at all: into a temporary sibling folder, which then replaces ``output/`` by
 renames. After a failure or a kill at any moment ``output/`` is absent or a complete model; leftovers of an
@@ -33,6 +35,8 @@ LICENSE = 'apache-2.0'
 MACHINE_PATH_KEYS = ('work_dir', 'save_dir', 'out_dir', 'output_dir', 'checkpoint_path', 'pretrained_weights',
                      'model_dir', 'cache_dir', 'log_dir', 'dataset_dir', 'data_dir')
 _TMP_PREFIX, _OLD_SUFFIX = '.output.tmp-', '.old-'
+APP_FILE = 'app.py'
+REQUIREMENTS_FILE = 'requirements.txt'
 
 
 def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] = None) -> Dict:
@@ -157,7 +161,9 @@ def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int,
     if has_curve:
         lines += ['', '![training curve](training_curve.png)']
     lines += ['', '## Files', '', '`pytorch_model.pt` (ModelScope hub layout), `adapter_model.safetensors` +',
-              '`adapter_config.json` (tuner and head weights only), `configuration.json`.', '',
+              '`adapter_config.json` (tuner and head weights only), `configuration.json`; `app.py` is a web demo',
+              "of this folder (`pip install 'modelscope-utuning[gradio]'`, then `python app.py`; it also runs as a",
+              'ModelScope Studio app).', '',
               '## License', '',
               f'The weights of this model are released under {LICENSE} as far as its training code is concerned; the '
               'frozen backbone they contain comes from its pre-trained source, whose license also applies.', '']
@@ -190,6 +196,7 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
         out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
         write_text_atomic(os.path.join(tmp, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
         write_card(model, out_cfg, tmp, eval_results, log_json, data)
+        write_app(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, output_dir)
     except BaseException:
@@ -216,6 +223,13 @@ def _replace_dir(new: str, target: str) -> None:
     os.rename(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_app(output_dir: str) -> None:
+    """``app.py`` (launches the Gradio demo on this folder) and its ``requirements.txt``."""
+    from ..deploy.app import app_requirements, app_source
+    write_text_atomic(os.path.join(output_dir, APP_FILE), app_source())
+    write_text_atomic(os.path.join(output_dir, REQUIREMENTS_FILE), app_requirements())
 
 
 def write_card(model, out_cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
