@@ -3,7 +3,7 @@
 ``configuration.json`` (declaring the plugin, finetune off so nothing is dropped on reload, no paths of the
 machine it was trained on), ``pytorch_model.pt`` (hub layout), ``adapter_model.safetensors`` +
 ``adapter_config.json`` (tuner-only), ``README.md`` (model card: how to install and use the plugin, the data the
-metrics come from, the license), ``training_curve.png``, and ``app.py`` + ``requirements.txt``: the web
+metrics come from, the license), ``training_curve.png`` (:mod:`.curve`), and ``app.py`` + ``requirements.txt``: the web
 demo of the folder itself (:mod:`..deploy.app`), so that the folder also runs as a ModelScope Studio app as it
 stands.
 
@@ -26,7 +26,8 @@ import shutil
 import tempfile
 from typing import Any, Dict, List, Optional
 
-from ..fileio import atomic_write, fault_point, write_text_atomic
+from ..fileio import fault_point, write_text_atomic
+from .curve import read_log, write_training_curve
 
 PLUGIN_PACKAGE = 'modelscope-utuning'
 LICENSE = 'apache-2.0'
@@ -35,6 +36,7 @@ LICENSE = 'apache-2.0'
 MACHINE_PATH_KEYS = ('work_dir', 'save_dir', 'out_dir', 'output_dir', 'checkpoint_path', 'pretrained_weights',
                      'model_dir', 'cache_dir', 'log_dir', 'dataset_dir', 'data_dir')
 _TMP_PREFIX, _OLD_SUFFIX = '.output.tmp-', '.old-'
+CURVE_FILE = 'training_curve.png'
 APP_FILE = 'app.py'
 REQUIREMENTS_FILE = 'requirements.txt'
 
@@ -77,56 +79,10 @@ def _is_machine_path(v: Any) -> bool:
     return isinstance(v, str) and os.path.isabs(v) and len(v) > 1
 
 
-def read_log(log_json: Optional[str]) -> List[Dict]:
-    if not log_json or not os.path.isfile(log_json):
-        return []
-    rows = []
-    with open(log_json, encoding='utf-8') as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return rows
-
-
-def _polyline(draw, box, values, color):
-    x0, y0, x1, y1 = box
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    n = max(len(values) - 1, 1)
-    pts = [(x0 + (x1 - x0) * i / n, y1 - (y1 - y0) * (v - lo) / span) for i, v in enumerate(values)]
-    if len(pts) == 1:
-        pts = pts * 2
-    draw.line(pts, fill=color, width=2)
-    return lo, hi
-
-
-def write_training_curve(rows: List[Dict], path: str) -> bool:
-    """Loss per logged iteration (left) and evaluation accuracy per epoch (right), drawn with Pillow."""
-    from PIL import Image, ImageDraw
-    losses = [r['loss'] for r in rows if r.get('mode') == 'train' and isinstance(r.get('loss'), (int, float))]
-    accs = [r['accuracy'] for r in rows if r.get('mode') == 'val' and isinstance(r.get('accuracy'), (int, float))]
-    if not losses and not accs:
-        return False
-    img = Image.new('RGB', (800, 320), 'white')
-    draw = ImageDraw.Draw(img)
-    for (title, values, box, color) in (('train loss', losses, (40, 40, 380, 280), (200, 40, 40)),
-                                        ('eval accuracy', accs, (440, 40, 780, 280), (40, 90, 200))):
-        draw.rectangle(box, outline=(160, 160, 160))
-        draw.text((box[0], 15), title, fill='black')
-        if values:
-            lo, hi = _polyline(draw, box, values, color)
-            draw.text((box[0] + 4, box[1] + 2), f'max {hi:.4g}', fill='black')
-            draw.text((box[0] + 4, box[3] - 14), f'min {lo:.4g}', fill='black')
-    atomic_write(path, lambda tmp: img.save(tmp, format='PNG'))
-    return True
-
-
-def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int, has_curve: bool,
-               data: Optional[Dict[str, str]] = None) -> str:
+def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int,
+               curve_backend: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> str:
+    """The README.md of the output folder; ``curve_backend``: how training_curve.png was drawn (None: not at all);
+    ``data``: descriptions of the training and evaluation data."""
     from .. import __version__
     from ..tuners.base import legacy_keys
     tuners = cfg.get('model', {}).get('backbone', {}).get('tuners') or []
@@ -158,8 +114,11 @@ def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int,
         lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in eval_results.items()]
     else:
         lines.append(f'No evaluation was run (training data: {data.get("train", "not recorded")}).')
-    if has_curve:
+    if curve_backend:
         lines += ['', '![training curve](training_curve.png)']
+        if curve_backend != 'matplotlib':
+            lines += ['', "The curve is a basic drawing (matplotlib was not installed): `pip install "
+                      "'modelscope-utuning[plot]'` draws it with axes, ticks and legends."]
     lines += ['', '## Files', '', '`pytorch_model.pt` (ModelScope hub layout), `adapter_model.safetensors` +',
               '`adapter_config.json` (tuner and head weights only), `configuration.json`; `app.py` is a web demo',
               "of this folder (`pip install 'modelscope-utuning[gradio]'`, then `python app.py`; it also runs as a",
@@ -183,7 +142,8 @@ def clean_stale_outputs(output_dir: str) -> None:
 
 
 def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
-                  log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> str:
+                  log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None,
+                  iters_per_epoch: Optional[int] = None) -> str:
     """Write the whole output folder for ``model`` (a VisionEfficientTuningModel), replacing ``output_dir`` only
     once every file is written; returns the folder."""
     output_dir = os.path.abspath(output_dir)
@@ -195,7 +155,7 @@ def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict
         model.model.save_tuners(tmp)
         out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
         write_text_atomic(os.path.join(tmp, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
-        write_card(model, out_cfg, tmp, eval_results, log_json, data)
+        write_card(model, out_cfg, tmp, eval_results, log_json, data, iters_per_epoch)
         write_app(tmp)
         _fsync_dir(tmp)
         _replace_dir(tmp, output_dir)
@@ -233,9 +193,11 @@ def write_app(output_dir: str) -> None:
 
 
 def write_card(model, out_cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
-               log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> None:
+               log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None,
+               iters_per_epoch: Optional[int] = None) -> None:
     """``README.md`` and ``training_curve.png`` of the output folder (cheap: no weights are written)."""
-    has_curve = write_training_curve(read_log(log_json), os.path.join(output_dir, 'training_curve.png'))
+    curve = write_training_curve(read_log(log_json), os.path.join(output_dir, CURVE_FILE), iters_per_epoch)
     trainable, total = model.trainable_parameters()
     write_text_atomic(os.path.join(output_dir, 'README.md'),
-                      model_card(model, out_cfg, eval_results or {}, trainable, total, has_curve, data))
+                      model_card(model, out_cfg, eval_results or {}, trainable, total,
+                                 curve.backend if curve else None, data))

@@ -7,7 +7,8 @@ rates, no decay on tokens / norms / biases), bf16 autocast, a trainer state that
 
 Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp16' | 'fp32'),
 ``train.optimizer.head_lr``, ``train.on_bad_image`` ('raise' | 'skip'); ModelScope's own
-``train.optimizer.options.{grad_clip, cumulative_iters}`` and ``model.loss.label_smoothing`` work as usual.
+``train.optimizer.options.{grad_clip, cumulative_iters}``, ``model.loss.label_smoothing`` and ``train.hooks`` (e.g.
+ModelScope's ``TensorboardHook``) work as usual.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
 from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
+from ..extras import require
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR, apply_defaults
@@ -48,6 +50,7 @@ logger = get_logger()
 
 
 OUR_OPTIMIZER_KEYS = ('head_lr',)
+TENSORBOARD_HOOK = 'TensorboardHook'  # ModelScope's; writes work_dir/tensorboard_output (extra [tensorboard])
 
 
 class ExactResumeHook(Hook):
@@ -109,6 +112,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         self.cpu_allocator_changed = use_cpu_allocator(cfg.safe_get('train.cpu_allocator') or 'default')
         validate_config(cfg)
         hooks = [h.get('type') for h in (cfg.safe_get('train.hooks') or [])]
+        if TENSORBOARD_HOOK in hooks:  # ModelScope's hook imports it only once training starts
+            require('tensorboard', 'tensorboard', f'train.hooks {TENSORBOARD_HOOK}')
         if not getattr(self, '_has_eval_data', False):
             # ModelScope's evaluation hook with no data to evaluate fails at the end of training, after the last
             # epoch, losing the run: without an eval set there is nothing for it to do.
@@ -265,7 +270,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             model = self.model_unwrapped  # refresh only the model card with these results
             write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes,
                                                    model.model.resolved_backbone_config()), out,
-                       self.last_eval, self._log_json, self._data_description())
+                       self.last_eval, self._log_json, self._data_description(),
+                       self._train_iters_per_epoch_or_none())
         return results
 
     @property
@@ -276,7 +282,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         """(Re)write ``work_dir/output`` whole: hub checkpoint, tuner-only weights, configuration, card, curve."""
         results = getattr(self, 'last_eval', None) or self._metric_values or {}
         return export_output(self.model_unwrapped, self.cfg.to_dict(), self.output_dir, results, self._log_json,
-                             data=self._data_description())
+                             data=self._data_description(), iters_per_epoch=self._train_iters_per_epoch_or_none())
 
     def _data_description(self) -> Dict[str, str]:
         out = {}
@@ -285,6 +291,16 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
                 source = getattr(ds, 'source', None) or type(ds).__name__
                 out[role] = f'{os.path.basename(str(source).rstrip("/")) or source} ({len(ds)} images)'
         return out
+
+    def _train_iters_per_epoch_or_none(self) -> Optional[int]:
+        """Training iterations per epoch (places the logged losses at fractional epochs); None before training."""
+        if getattr(self, '_train_iters_per_epoch', None):
+            return int(self._train_iters_per_epoch)
+        loader = getattr(self, 'train_dataloader', None)
+        try:
+            return len(loader) if loader is not None else None
+        except TypeError:
+            return None
 
     @property
     def _log_json(self) -> str:
