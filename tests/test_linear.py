@@ -121,8 +121,9 @@ def test_qkv_split_equals_the_fused_projection(kernel):
     qkv = fast.QKVLinear(16, 48).requires_grad_(False)
     h = torch.randn(2, 6, 16)
     fused = F.linear(h, qkv.weight, qkv.bias)
-    q, kv = qkv(h)
+    q, kv = qkv.split(h)
     torch.testing.assert_close(torch.cat((q, kv), -1), fused, atol=1e-5, rtol=1e-5)
-    q2, kv2 = qkv(h, n_query=2)
+    torch.testing.assert_close(qkv(h), fused, atol=1e-5, rtol=1e-5)  # forward: nn.Linear's contract, for wrappers
+    q2, kv2 = qkv.split(h, n_query=2)
     assert q2.shape == (2, 2, 16) and kv2.shape == (2, 6, 32)
     torch.testing.assert_close(q2, fused[:, :2, :16], atol=1e-5, rtol=1e-5)

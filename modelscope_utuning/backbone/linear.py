@@ -138,14 +138,17 @@ class FrozenFastLinear(nn.Linear):
 
 
 class QKVLinear(FrozenFastLinear):
-    """The fused ``W_qkv`` of shape (3C, C), applied as two products: ``q = W_q h[:, :n]`` and
-    ``kv = [W_k; W_v] h`` -> ``(q (B, n, C), kv (B, N, 2C))``.
+    """The fused ``W_qkv`` of shape (3C, C). The attention applies it as two products with :meth:`split`:
+    ``q = W_q h[:, :n]`` and ``kv = [W_k; W_v] h`` -> ``(q (B, n, C), kv (B, N, 2C))``.
 
     q may cover only the first n tokens (the others are keys / values only), and keeping kv apart from q lets kv's
     buffer be freed once a prefix is concatenated to it, rather than living on as part of q's storage.
+
+    ``forward(h)`` keeps ``nn.Linear``'s contract (one tensor, ``(B, N, 3C)``): libraries that wrap or replace a
+    model's linears by name (ms-swift's or peft's LoRA on ``qkv``) call the module they wrap that way.
     """
 
-    def forward(self, h: torch.Tensor, n_query: Optional[int] = None):
+    def split(self, h: torch.Tensor, n_query: Optional[int] = None):
         C = self.in_features
         n = h.shape[1] if n_query is None else n_query
         # a contiguous slice: F.linear then takes one GEMM path whatever the weight's requires_grad

@@ -110,6 +110,20 @@ class Attention(nn.Module):
         B, N, _ = t.shape
         return t.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project_qkv(self, h: torch.Tensor, n_query: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q (B, n, C), kv (B, N, 2C))`` for the first ``n_query`` rows as queries (all by default).
+
+        ``self.qkv`` is our :class:`QKVLinear` (two products, see there) unless another library replaced it with a
+        wrapper of its own (ms-swift's LoRA ``MergedLinear``, a peft LoRA layer), which computes the fused
+        ``(B, N, 3C)`` as any linear does; that output is split here.
+        """
+        if isinstance(self.qkv, QKVLinear):
+            return self.qkv.split(h, n_query)
+        fused = self.qkv(h)
+        C = self.num_heads * self.head_dim
+        n = h.shape[1] if n_query is None else n_query
+        return fused[:, :n, :C], fused[:, :, C:]
+
     def project(self, h: torch.Tensor, which: str) -> torch.Tensor:
         """Frozen projection ``W_which h + b_which`` for which in q / k / v, split into heads."""
         i = 'qkv'.index(which)
@@ -131,7 +145,7 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """The plain frozen attention, ``(B, N, C) -> (B, N, C)``."""
-        q, kv = self.qkv(h)
+        q, kv = self.project_qkv(h)
         return self.proj_drop(self.proj(self.attend(q, kv)[0]))
 
 
@@ -229,7 +243,7 @@ class Block(nn.Module):
         (every row is a key / value) -> (output (B, n, C), the query (B, H, n, d))."""
         N = h.shape[1]
         n = N if n is None else n
-        q, kv = self.attn.qkv(h, n_query=n)
+        q, kv = self.attn.project_qkv(h, n)
         if self.hooks.at('q'):
             q = self._edit_linear('q', h if n == N else h[:, :n].contiguous(), q)
         if self.hooks.at('kv'):
@@ -302,7 +316,7 @@ class Block(nn.Module):
         """The frozen block alone (no hook is called) -> (output for the first n_out tokens, {op: OpContext}),
         the contexts holding each OP's input for tuners that run beside the backbone (bypass mode)."""
         h1 = self.norm1(x)
-        q, kv = self.attn.qkv(h1, n_query=n_out)
+        q, kv = self.attn.project_qkv(h1, n_out)
         out, q = self.attn.attend(q, kv)
         x_n = x if n_out is None else x[:, :n_out].contiguous()
         y = x_n + self.ls1(self.attn.proj(out))
