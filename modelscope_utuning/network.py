@@ -331,6 +331,33 @@ class VisionEfficientTuning(nn.Module):
         net.load_tuners(folder)
         return net
 
+    def add_tuners(self, entries: Iterable[Dict[str, Any]]) -> List[TunerSpec]:
+        """Attach further explicit tuner entries to this built network (in place; e.g. tuners another library
+        trained, converted to ours): they start fresh and train, and the configuration lists them from now on.
+        Validated with the entries already there (ValueError, nothing changed, on a bad or conflicting entry).
+        Returns the new specs."""
+        entries = [dict(e) for e in entries]
+        explicit = list(self.backbone_config.get('tuners') or []) + entries
+        _, all_entries, _ = split_backbone_config(dict(self.backbone_config, tuners=explicit))
+        specs = parse_tuners(all_entries, self.backbone.depth, self.backbone.embed_dim)
+        new = specs[self._n_explicit:self._n_explicit + len(entries)]
+        if self.backbone.bypass and bypass_problems(new):
+            raise ValueError(f'tuner entries {bypass_problems(new)} cannot run on the bypass path')
+        before = {id(t) for _, t, _ in self.tuners()}
+        attach_block_tuners(self.backbone, new)
+        dims = dims_of(self.backbone)
+        for spec in new:
+            if spec.kind.level == 'network':
+                self.add_module(slot_name(spec.kind, None), build_tuner(spec, 1, dims))
+        self.specs[:] = specs
+        self.backbone_config = dict(self.backbone_config, tuners=explicit)
+        self._n_explicit = len(explicit)
+        for _, tuner, host in self.tuners():
+            if id(tuner) not in before:
+                for p in tuner.adapter_params(host).values():
+                    p.requires_grad = True
+        return new
+
     # -- merging ---------------------------------------------------------------------------------------------------
     def merge(self, kinds: Optional[Iterable[str]] = None) -> List[str]:
         """Fold mergeable tuners of ``kinds`` (all mergeable kinds when None) into the frozen weights and drop

@@ -42,6 +42,7 @@ from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .precision import autocast, resolve_precision
+from .swift_tuners import exportable
 from .validate import validate_config
 from .warmup import StepWarmup, warmup_iters
 from .workdir import WorkDirLock
@@ -82,6 +83,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     ``cfg_modify_fn`` ...), plus ``amp`` and ``on_bad_image`` overriding ``train.amp`` / ``train.on_bad_image``."""
 
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
+        if kwargs.get('efficient_tuners') is not None:  # before anything is built: say what to install
+            from .swift_tuners import require_swift
+            require_swift()
         self._amp_arg, self._on_bad_image_arg = amp, on_bad_image
         self._has_eval_data = kwargs.get('eval_dataset') is not None
         self.label_classes = None  # the class list every dataset is mapped onto (training/labels.py)
@@ -134,6 +138,15 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     def model_unwrapped(self) -> VisionEfficientTuningModel:
         return self.unwrap_module(self.model)
 
+    def tune_module(self, efficient_tuners):
+        """ms-swift tuners (``build_trainer(..., efficient_tuners=...)``, extra ``[swift]``): applied to our model in
+        place; we keep training our model (see :mod:`.swift_tuners`), swift's wrapper is ``self.swift_model``."""
+        self.swift_model = None
+        if efficient_tuners is None:
+            return
+        from .swift_tuners import apply_swift_tuners
+        self.model, self.swift_model = apply_swift_tuners(self.model, efficient_tuners)
+
     def get_or_download_model_dir(self, model, model_revision=None, third_party=None):
         """A local folder is used as it is: ModelScope's base trainer would ask the hub whether it is the
         latest version, which stalls for seconds offline. Hub ids still go through ``snapshot_download``."""
@@ -185,7 +198,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         head_lr = cfg.pop('head_lr', None)
         if head_lr is None:  # a fresh head learns at the linear probe's rate (see defaults.DEFAULT_HEAD_LR)
             head_lr = max(lr, DEFAULT_HEAD_LR)
-        groups = param_groups(self.unwrap_module(self.model), lr, cfg.get('weight_decay', 0.0), head_lr)
+        groups = param_groups(self.model_unwrapped, lr, cfg.get('weight_decay', 0.0), head_lr)
         for g in groups:
             g.pop('names')
         from modelscope.trainers.optimizer.builder import build_optimizer
@@ -267,7 +280,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         out = self.output_dir
         if is_master() and os.path.isfile(os.path.join(out, 'configuration.json')) and \
                 os.path.isfile(os.path.join(out, ModelFile.TORCH_MODEL_FILE)):
-            model = self.model_unwrapped  # refresh only the model card with these results
+            model = exportable(self.model_unwrapped)  # refresh only the model card with these results
             write_card(model, output_configuration(self.cfg.to_dict(), model.head.num_classes,
                                                    model.model.resolved_backbone_config()), out,
                        self.last_eval, self._log_json, self._data_description(),
@@ -279,9 +292,11 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         return os.path.join(self.work_dir, ModelFile.TRAIN_OUTPUT_DIR)
 
     def export_output(self) -> str:
-        """(Re)write ``work_dir/output`` whole: hub checkpoint, tuner-only weights, configuration, card, curve."""
+        """(Re)write ``work_dir/output`` whole: hub checkpoint, tuner-only weights, configuration, card, curve (ms-swift
+        LoRA layers carried over as our LoRA tuners: :func:`.swift_tuners.exportable`)."""
         results = getattr(self, 'last_eval', None) or self._metric_values or {}
-        return export_output(self.model_unwrapped, self.cfg.to_dict(), self.output_dir, results, self._log_json,
+        return export_output(exportable(self.model_unwrapped), self.cfg.to_dict(), self.output_dir, results,
+                             self._log_json,
                              data=self._data_description(), iters_per_epoch=self._train_iters_per_epoch_or_none())
 
     def _data_description(self) -> Dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -91,6 +91,23 @@ class LoRA(Tuner):
     def delta_weight(self, point: str) -> torch.Tensor:
         a, b, rows = self._pair_for(point)
         return (b.weight[rows] @ a.weight) * self.scaling
+
+    @classmethod
+    def qkv_entry(cls, ranks: Sequence[int]) -> Dict[str, Any]:
+        """The entry of LoRA on the mha OP (the fused qkv) with these per-layer ranks (0: none) and scaling 1
+        (alpha = rank), for :meth:`set_update` to fill."""
+        return {'type': cls.kind, 'op': 'mha', 'rank': [int(r) for r in ranks]}
+
+    @torch.no_grad()
+    def set_update(self, a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0) -> None:
+        """Make this mha tuner compute ``W_qkv + scaling B A``, with ``A`` (rank, C) and ``B`` (3C, rank): a
+        low-rank update of the fused qkv trained elsewhere (e.g. by ms-swift), carried over exactly."""
+        if self.op != 'mha' or tuple(a.shape) != tuple(self.lora_a.weight.shape) \
+                or tuple(b.shape) != tuple(self.lora_b.weight.shape):
+            raise ValueError(f'a qkv update of A {tuple(a.shape)}, B {tuple(b.shape)} does not fit this {self.op} '
+                             f'tuner (A {tuple(self.lora_a.weight.shape)}, B {tuple(self.lora_b.weight.shape)})')
+        self.lora_a.weight.copy_(a)
+        self.lora_b.weight.copy_(b * (scaling / self.scaling))
 
     def modifies(self) -> Tuple[str, ...]:
         return ('q', 'k', 'v') if self.op == 'mha' else ('fc1', 'fc2')
