@@ -12,6 +12,7 @@ import threading
 import zlib
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,10 @@ from modelscope.utils.constant import ModeKeys
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 BUILTIN = os.path.join(FIXTURES, 'builtin')
 IMAGES = os.path.join(BUILTIN, 'images')
-REFERENCE = os.path.join(FIXTURES, 'transforms_reference.npz')
+PILLOW_MAJOR = int(PIL.__version__.split('.')[0])
+# torchvision's outputs as made with this Pillow major (its resampling changes between majors; torchvision uses it)
+REFERENCE = os.path.join(FIXTURES, 'transforms_reference.npz' if PILLOW_MAJOR == 13 else
+                         f'transforms_reference_pillow{PILLOW_MAJOR}.npz')
 RGB_PNG = os.path.join(IMAGES, 'rgb.png')
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # The eval cases of tests/fixtures/make_transform_fixtures.py: name -> (resize, crop, interpolation)
@@ -40,8 +44,14 @@ EVAL_CASES = {
 
 @pytest.fixture(scope='module')
 def reference():
+    if not os.path.isfile(REFERENCE):
+        pytest.fail(f'no torchvision reference for Pillow {PIL.__version__}: make {os.path.basename(REFERENCE)} '
+                    'with tests/fixtures/make_transform_fixtures.py')
     with np.load(REFERENCE) as data:
-        return {k: data[k] for k in data.files}
+        ref = {k: data[k] for k in data.files}
+    made_with = str(ref.pop('pillow_version', '13.0.0'))
+    assert int(made_with.split('.')[0]) == PILLOW_MAJOR, (made_with, PIL.__version__)
+    return ref
 
 
 def sources(reference):
