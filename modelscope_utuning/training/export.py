@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from ..fileio import fault_point, write_text_atomic
 from .curve import read_log, write_training_curve
