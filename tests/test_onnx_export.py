@@ -1,8 +1,8 @@
 """ONNX export (modelscope_utuning.deploy.onnx_export, ``modelscope-utuning export --onnx``): onnxruntime gives the
 torch model's scores and logits to 1e-4 at batch 1 and 3 (one graph, dynamic batch axis) for the paper's tri-tuner,
-LoRA (merged first; left unmerged where merging would change the outputs), the original sequential forms with
-VPT-deep prompts, side-tuning with BitFit, and bypass mode; the folder runs images like pipeline(); a missing
-onnxruntime is one clear line."""
+LoRA, RepAdapter and SSF (merged first; left unmerged where merging would change the outputs), the original
+sequential forms with VPT-deep prompts, side-tuning with BitFit, and bypass mode; the folder runs images like
+pipeline(); a missing onnxruntime is one clear line."""
 from __future__ import annotations
 
 import json
@@ -40,6 +40,10 @@ CASES = {  # name -> (model.backbone additions, kinds merged before export)
     # a parallel prompt computes W_k P, W_v P itself: merging LoRA into qkv would change it, so LoRA stays
     'lora_unmergeable': ({'tuners': [{'type': 'prompt', 'op': 'mha', 'form': 'parallel', 'length': 3}],
                           'lora_length': 2}, []),
+    # every kind whose class says mergeable folds in first (here RepAdapter and SSF)
+    'repadapter_ssf': ({'tuners': [{'type': 'repadapter', 'op': 'mha', 'dim': 4}, {'type': 'ssf', 'op': 'block'},
+                                   {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 4}]},
+                       ['repadapter', 'ssf']),
     'sequential_vpt_deep': ({'adapter_length': 4, 'prefix_length': 3, 'prompt_length': 3}, []),
     'sequential_per_layer_prompts': ({'prompt_length': [2, 3], 'adapter_length': [4, 0]}, []),
     'side_bitfit': ({'tuners': [{'type': 'side', 'dim': 32}, {'type': 'bitfit'}]}, []),
@@ -67,7 +71,7 @@ def test_onnxruntime_matches_torch_at_batch_1_and_3(case, tmp_path):
     model = build(extra)
     tuners_before = [name for name, _, _ in model.model.tuners()]
     result = export_onnx(model, str(tmp_path))
-    assert result['merged'] == merged
+    assert sorted(result['merged']) == merged
     assert [name for name, _, _ in model.model.tuners()] == tuners_before  # the caller's model is not merged
     if case == 'lora_unmergeable':
         assert result['notes'] and 'not merged' in result['notes'][0]
@@ -78,8 +82,10 @@ def test_onnxruntime_matches_torch_at_batch_1_and_3(case, tmp_path):
     assert dims[0].dim_param == 'batch' and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     assert [o.name for o in graph.output] == ['scores', 'logits']
     assert not any(n.domain not in ('', 'ai.onnx', 'ai.onnx.ml') for n in graph.node)  # standard ops only
-    if merged:
-        assert not any('lora' in i.name for i in graph.initializer)
+    for kind in merged:  # folded into the frozen weights: no tuner weights of that kind left in the graph
+        assert not any(f'_{kind}.' in i.name for i in graph.initializer), kind
+    if case == 'repadapter_ssf':  # the parallel adapter is no mergeable kind: it stays, as ordinary ops
+        assert any('ffn_adapter.' in i.name for i in graph.initializer)
 
     clf = OnnxClassifier(str(tmp_path))
     for batch in (1, 3):
