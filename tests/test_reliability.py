@@ -60,6 +60,7 @@ def train(model, work_dir, train_data, eval_data=None, epochs=12, extra=None, **
         cfg.train.optimizer.lr = 1e-2
         cfg.train.amp = 'fp32'
         cfg.train.dataloader.batch_size_per_gpu = 8
+        cfg.train.logging = {'interval': 1}  # a loss row per step: the run has a curve to draw
         if extra:
             extra(cfg)
         return cfg

@@ -1,5 +1,7 @@
-"""The frozen backbone: a timm-named Vision Transformer whose OPs (mha, ffn, block) host U-Tuners."""
+"""The frozen backbone: a timm-named Vision Transformer whose OPs (mha, ffn, block) host U-Tuners through the hook
+points of :mod:`.hooks`; :mod:`.runner` runs its blocks, :mod:`.kernels` picks the fastest kernels."""
+from .hooks import OPS
 from .pos_embed import resample_abs_pos_embed
-from .vit import OPS, Attention, Block, Mlp, VisionTransformer
+from .vit import Attention, Block, Mlp, VisionTransformer
 
 __all__ = ['OPS', 'Attention', 'Block', 'Mlp', 'VisionTransformer', 'resample_abs_pos_embed']

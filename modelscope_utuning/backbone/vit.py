@@ -19,10 +19,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import kernels
-from .hooks import CHANGES_QUERY, OPS, HookTable, OpContext, TokenState
+from .hooks import CHANGES_QUERY, HookTable, OpContext, TokenState
 from .linear import FrozenFastLinear, QKVLinear, linear
 from .pos_embed import resample_abs_pos_embed
 

@@ -119,13 +119,17 @@ def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
 def describe_preprocessing(preprocessor) -> Optional[List[Dict[str, Any]]]:
     """The eval transform as plain steps, or None when it is a ModelScope transform list (which only our
     preprocessor, reading configuration.json, reproduces)."""
-    from ..preprocessing.transforms import INTERPOLATIONS, CenterCrop, Normalize, Resize, ToTensor
+    from ..preprocessing.transforms import (INTERPOLATIONS, CenterCrop, Normalize, Resize, ResizeCenterCrop,
+                                            ToTensor)
     names = {v: k for k, v in INTERPOLATIONS.items()}
     transform = preprocessor.eval_transform
     if transform.output_size is None:
         return None
+    ops = []
+    for t in transform.transforms:  # a fused resize + crop is described as its two steps
+        ops += [Resize(t.size, t.interpolation), CenterCrop(t.crop)] if isinstance(t, ResizeCenterCrop) else [t]
     steps: List[Dict[str, Any]] = [{'op': 'load', 'mode': 'RGB', 'note': 'EXIF orientation applied'}]
-    for t in transform.transforms:
+    for t in ops:
         if isinstance(t, Resize):
             size = t.size
             if isinstance(size, Sequence) and len(size) == 2:
