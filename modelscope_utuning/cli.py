@@ -406,29 +406,56 @@ def format_table(rows: List[Dict[str, Any]], topk: int) -> str:
     return '\n'.join(lines)
 
 
+def format_columns(rows: List[Dict[str, Any]], names: List[str]) -> str:
+    """``image  <model 1>  <model 2> ...``: each model's top label and score in a column of its own."""
+    cells = [[f'{m["labels"][0]} {m["scores"][0]:.4f}' for m in r['models']] for r in rows]
+    width = max([len('image')] + [len(r['input']) for r in rows])
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ['  '.join([f'{"image":<{width}}'] + [f'{n:<{w}}' for n, w in zip(names, widths)])]
+    for r, c in zip(rows, cells):
+        lines.append('  '.join([f'{r["input"]:<{width}}'] + [f'{x:<{w}}' for x, w in zip(c, widths)]))
+    return '\n'.join(lines)
+
+
 def cmd_predict(args) -> int:
     if args.topk < 1:
         raise CLIError(f'--topk {args.topk}: expected a positive number')
     if args.batch_size < 1:
         raise CLIError(f'--batch-size {args.batch_size}: expected a positive number')
-    model = resolve_model(args.model, allow_config=False)
+    specs = [m for m in args.model.split(',') if m] + list(args.also or [])
+    models = [resolve_model(m, allow_config=False) for m in specs]
+    if args.backbone and not os.path.exists(args.backbone):
+        raise CLIError(f'--backbone {args.backbone!r}: no such file or folder')
     inputs = expand_inputs(args.inputs)
     from modelscope.pipelines import pipeline
     from tqdm import tqdm
     from . import registration  # noqa: F401
     kwargs = {'device': args.device} if args.device else {}
-    classifier = pipeline('vision-efficient-tuning', model, batch_size=args.batch_size, **kwargs)
+    if args.backbone:
+        kwargs['backbone'] = os.path.abspath(args.backbone)
+    many = len(models) > 1
+    classifier = pipeline('vision-efficient-tuning', models if many else models[0], batch_size=args.batch_size,
+                          **kwargs)
     rows: List[Dict[str, Any]] = []
     chunk = max(PREDICT_CHUNK, args.batch_size)
+
+    def row(path, r):
+        return {'input': path, 'labels': list(r['labels']), 'scores': [float(s) for s in r['scores']]}
     with tqdm(total=len(inputs), unit='img', desc='predict', file=sys.stderr,
               disable=True if len(inputs) <= chunk else None) as bar:
         for start in range(0, len(inputs), chunk):
             part = inputs[start:start + chunk]
             results = classifier(part, topk=args.topk)
-            rows += [{'input': path, 'labels': list(r['labels']), 'scores': [float(s) for s in r['scores']]}
-                     for path, r in zip(part, results)]
+            if many:  # one result per model and image
+                rows += [{'input': path, 'models': [dict(row(path, m), model=s) for m, s in zip(r, specs)]}
+                         for path, r in zip(part, results)]
+            else:
+                rows += [row(path, r) for path, r in zip(part, results)]
             bar.update(len(part))
-    text = json.dumps(rows, indent=2) if args.json else format_table(rows, args.topk)
+    if args.json:
+        text = json.dumps(rows, indent=2)
+    else:
+        text = format_columns(rows, specs) if many else format_table(rows, args.topk)
     if args.output:
         with open(args.output, 'w', encoding='utf-8') as f:
             f.write(text + '\n')
@@ -474,15 +501,17 @@ def cmd_export(args) -> int:
     if not isinstance(model, VisionEfficientTuningModel):
         raise CLIError(f'{args.model!r} is not a vision-efficient-tuning model ({type(model).__name__})')
     if args.tuner_only:
-        from .model import save_tuners
         if args.base_weights:  # recorded, so that model_from_tuners(out) finds the frozen backbone
             model.backbone_config = dict(model.backbone_config or {},
                                          pretrained_weights=os.path.abspath(args.base_weights))
-        paths = save_tuners(model, out)
+        from .training.export import export_output
+        cfg = _read_json(os.path.join(model.model_dir, 'configuration.json'))
+        export_output(model, cfg, out, tuner_only=True, base_path=bool(args.base_weights))
         n = sum(p.numel() for p in model.model.tuner_state_dict().values())
-        print(f'tuner-only export: {paths["weights"]} ({n:,} values) and {paths["config"]}')
-        print('reload: modelscope_utuning.model_from_tuners('
-              f'{out!r}, pretrained_weights=<the frozen backbone file>)')
+        print(f'tuner-only export: {out} ({n:,} values: tuners, head; backbone fingerprint '
+              f'{model.model.backbone_fingerprint()[:19]}...)')
+        print(f"load: pipeline('vision-efficient-tuning', {out!r}, backbone=<the frozen backbone file or model "
+              "folder>), or modelscope_utuning.model_from_tuners(folder, pretrained_weights=<file>)")
         return 0
     if args.onnx:
         return _export_onnx(model, out, args.opset)
@@ -619,8 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('predict', help='classify images (files, folders or URLs)',
                        description='Top-k classes of each image through pipeline(\'vision-efficient-tuning\').')
-    p.add_argument('model', help='trained model folder or hub id')
+    p.add_argument('model', help='trained model folder or hub id; several, comma-separated, give one column each '
+                              '(models on one backbone share it)')
     p.add_argument('inputs', nargs='+', metavar='IMAGE', help='image files, folders (searched recursively) or URLs')
+    p.add_argument('--also', action='append', metavar='MODEL', help='a further model (repeatable)')
+    p.add_argument('--backbone', metavar='FILE_OR_FOLDER',
+                   help='the frozen backbone for model folders that hold only tuners (export --tuner-only)')
     p.add_argument('--topk', type=int, default=1, help='classes per image (default 1)')
     p.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default 16)')
     p.add_argument('--device', default=None, help="'cpu', 'gpu' or 'cuda:N' (default: a GPU when there is one)")

@@ -32,6 +32,13 @@ difference was observed, for the record only.
    output pipes open. Our trainer's checkpoint hooks that upload nothing get a subclass whose ``after_run`` skips
    the queue (only when the hook has the ``push_to_hub`` attribute and it is false); uploading hooks keep
    ModelScope's.
+7. :func:`own_default_hooks` - ``EpochBasedTrainer.__init__`` merges ``default_config.DEFAULT_HOOKS_CONFIG`` into
+   the trainer's configuration by reference, then ``update_cfg`` empties those hook dicts in place: the first
+   trainer of a process that relies on the defaults wipes them (checked on 1.40.2: afterwards
+   ``DEFAULT_HOOKS_CONFIG['train.hooks'] == [{}, {}, {'type': 'IterTimerHook'}]``), and every later trainer of the
+   process runs without a checkpoint hook and without a log. Where our trainer's configuration holds those very
+   dicts, it gets copies of the defaults as they were when the package was imported; ModelScope's own dicts are
+   left as they are.
 5. :func:`explain_import_error` - ``modelscope.utils.plugins`` imports ``pkg_resources`` at module level up to
    1.34; setuptools 82 removed it, so ModelScope itself does not import there. No patch can fix that without
    changing the environment for everyone: ``import modelscope_utuning`` re-raises the error with the fix
@@ -207,3 +214,41 @@ def _quiet_subclass(base: type) -> type:
 
     return type(base.__name__, (base,), {'after_run': after_run, '_utuning_quiet': True,
                                          '__doc__': base.__doc__, '__module__': base.__module__})
+
+
+# -- 7. ModelScope's default hooks, shared by reference ------------------------------------------------------------
+def _default_hooks_config():
+    try:
+        from modelscope.trainers import default_config
+    except ImportError:
+        return None
+    return getattr(default_config, 'DEFAULT_HOOKS_CONFIG', None)
+
+
+def _snapshot_default_hooks():
+    import copy
+    cfg = _default_hooks_config()
+    hooks = (cfg or {}).get('train.hooks')
+    if isinstance(hooks, list) and hooks and all(isinstance(h, dict) and h.get('type') for h in hooks):
+        return copy.deepcopy(hooks)
+    return None
+
+
+_PRISTINE_DEFAULT_HOOKS = _snapshot_default_hooks()
+
+
+def own_default_hooks(cfg) -> bool:
+    """Give ``cfg`` (a trainer's configuration, after ModelScope merged its defaults) its own copies of the
+    default hooks where it holds ModelScope's shared dicts (see 7. above); returns whether it did."""
+    import copy
+    shared = (_default_hooks_config() or {}).get('train.hooks')
+    hooks = cfg.safe_get('train.hooks') if hasattr(cfg, 'safe_get') else None
+    if not isinstance(shared, list) or not isinstance(hooks, list):
+        return False
+    ids = {id(h) for h in shared}
+    if not any(id(h) in ids for h in hooks):
+        return False
+    pristine = _PRISTINE_DEFAULT_HOOKS or [h for h in shared if h]
+    own = [copy.deepcopy(h) for h in hooks if id(h) not in ids] + copy.deepcopy(pristine)
+    cfg.train.hooks = own
+    return True

@@ -248,9 +248,10 @@ def _network(model) -> VisionEfficientTuning:
     raise TypeError(f'expected a VisionEfficientTuningModel or VisionEfficientTuning, got {type(model).__name__}')
 
 
-def save_tuners(model, folder: str) -> Dict[str, str]:
-    """Write the tuner-only files of ``model`` into ``folder`` (see :mod:`.checkpoint.tuner_only`)."""
-    return _network(model).save_tuners(folder)
+def save_tuners(model, folder: str, base_path: bool = True) -> Dict[str, str]:
+    """Write the tuner-only files of ``model`` into ``folder`` (see :mod:`.checkpoint.tuner_only`); ``base_path``:
+    record the path of its base weights file, so that :func:`model_from_tuners` finds it on this machine."""
+    return _network(model).save_tuners(folder, base_path)
 
 
 def load_tuners(model, folder: str, strict: bool = True) -> Dict[str, Any]:

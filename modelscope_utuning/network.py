@@ -257,31 +257,56 @@ class VisionEfficientTuning(nn.Module):
             base.setdefault(key, value)
         return base
 
-    def backbone_fingerprint(self) -> str:
-        """sha256 of the frozen backbone weights (names, dtypes, shapes, bytes) that no tuner trains: equal for
-        models tuned from the same pre-trained backbone."""
-        trained = {id(p) for p in self.tuner_parameters().values()}
-        h = hashlib.sha256()
+    def trained_backbone_names(self) -> List[str]:
+        """Backbone weights (names relative to the backbone) that a tuner trains, e.g. BitFit's biases."""
+        return sorted(n[len('backbone.'):] for n in self.tuner_parameters() if n.startswith('backbone.')
+                      and not _in_slot(n, set(slot_names())))
+
+    def backbone_digests(self) -> Dict[str, str]:
+        """sha256 of each frozen backbone tensor (dtype, shape, bytes), tuners' own weights left out."""
         tuner_keys = {f'{name}.{k}'[len('backbone.'):] for name, t, _ in self.tuners() if name.startswith('backbone.')
                       for k in t.state_dict()}
-        params = dict(self.backbone.named_parameters())
-        for k, v in sorted(self.backbone.state_dict().items()):
-            if k in tuner_keys or (k in params and id(params[k]) in trained):
+        out = {}
+        for k, v in self.backbone.state_dict().items():
+            if k in tuner_keys:
                 continue
             t = v.detach().cpu().contiguous()
-            h.update(f'{k}|{t.dtype}|{tuple(t.shape)}|'.encode())
+            h = hashlib.sha256(f'{t.dtype}|{tuple(t.shape)}|'.encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+            out[k] = h.hexdigest()
+        return out
+
+    def backbone_fingerprint(self, exclude: Optional[Iterable[str]] = None,
+                             digests: Optional[Dict[str, str]] = None) -> str:
+        """One hash of the frozen backbone weights, leaving out ``exclude`` (default: the weights a tuner of this
+        model trains, whose pre-trained values are gone): equal for models tuned from the same pre-trained
+        backbone, whatever their tuners (compare with the same ``exclude``)."""
+        exclude = set(self.trained_backbone_names() if exclude is None else exclude)
+        digests = self.backbone_digests() if digests is None else digests
+        h = hashlib.sha256()
+        for k in sorted(digests):
+            if k not in exclude:
+                h.update(f'{k}:{digests[k]};'.encode())
         return 'sha256:' + h.hexdigest()
 
-    def tuner_config(self) -> Dict[str, Any]:
-        return {'tuners': [spec.to_config() for spec in self.specs], 'base': self.base_config(),
+    def tuner_config(self, base_path: bool = False) -> Dict[str, Any]:
+        """The tuner-only config; the base's ``pretrained_weights`` (a path of this machine) only with
+        ``base_path``, else just its file name, for the record."""
+        base = self.base_config()
+        weights = base.pop('pretrained_weights', None)
+        if weights:
+            base['pretrained_weights' if base_path else 'pretrained_weights_name'] = \
+                weights if base_path else os.path.basename(str(weights))
+        return {'tuners': [spec.to_config() for spec in self.specs], 'base': base,
                 'backbone_fingerprint': self.backbone_fingerprint(),
+                'fingerprint_excludes': self.trained_backbone_names(),
                 'head': {'num_classes': self.head.num_classes, 'dim': self.head.dim},
                 'CLASSES': list(self.CLASSES) if self.CLASSES is not None else None}
 
-    def save_tuners(self, folder: str) -> Dict[str, str]:
-        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``folder``; returns their paths."""
-        return tuner_only.write_tuner_files(folder, self.tuner_state_dict(), self.tuner_config())
+    def save_tuners(self, folder: str, base_path: bool = False) -> Dict[str, str]:
+        """Write ``adapter_model.safetensors`` + ``adapter_config.json`` into ``folder``; returns their paths.
+        ``base_path``: record the path of the base weights file (for :meth:`from_tuners` on this machine)."""
+        return tuner_only.write_tuner_files(folder, self.tuner_state_dict(), self.tuner_config(base_path))
 
     def load_tuners(self, folder: str, strict: bool = True) -> Dict[str, Any]:
         """Load a tuner-only export into this network (built on the same base, with the same tuners): one
@@ -403,8 +428,8 @@ def _in_slot(key: str, slots: set) -> bool:
 def _base_differences(saved: Dict[str, Any], ours: Dict[str, Any]) -> List[str]:
     import inspect
     from .backbone_config import VIT_ARGS
-    keys = (set(saved) | set(ours)) - {'pretrained_weights', 'drop_rate', 'attn_drop_rate', 'drop_path_rate',
-                                       'bypass'}
+    keys = (set(saved) | set(ours)) - {'pretrained_weights', 'pretrained_weights_name', 'drop_rate',
+                                       'attn_drop_rate', 'drop_path_rate', 'bypass'}
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
                 if k in VIT_ARGS}
     diffs = []

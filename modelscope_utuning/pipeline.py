@@ -8,6 +8,7 @@ results, ``batch_size`` images per forward). Output: ``{'scores': [top-k probabi
 """
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import re
@@ -94,6 +95,40 @@ def _refuse_onnx_export(folder: str) -> None:
                          'model folder it was exported from')
 
 
+def _local_model(model: Any) -> Any:
+    """A model object as it is; a local folder checked; a hub id downloaded (ModelScope's own snapshot_download)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model
+    checked = _check_model_path(model)
+    if os.path.isdir(checked):
+        return checked
+    from modelscope.hub.snapshot_download import snapshot_download
+    return snapshot_download(checked)
+
+
+def _preprocessors(models: List[Any], cfg: Any, given: Optional[Any]) -> List[Any]:
+    """One eval preprocessor per model, from its own folder (models with the same preprocessing share one)."""
+    if given is not None:
+        return [given] * len(models)
+    out, seen = [], {}
+    for m in models:
+        size = tuple(m.backbone.patch_embed.img_size)
+        key = (json.dumps((read_config_section(m.model_dir, 'preprocessor')), sort_keys=True), size)
+        if key not in seen:
+            seen[key] = VisionEfficientTuningPreprocessor.from_model_dir(m.model_dir, mode=ModeKeys.INFERENCE,
+                                                                       img_size=size)
+        out.append(seen[key])
+    return out
+
+
+def read_config_section(model_dir: Optional[str], key: str) -> Any:
+    path = os.path.join(model_dir, 'configuration.json') if model_dir else None
+    if not path or not os.path.isfile(path):
+        return None
+    from .fileio import read_json_object
+    return read_json_object(path).get(key)
+
+
 class VisionEfficientTuningPipeline(Pipeline):
     """U-Tuning image classification.
 
@@ -106,12 +141,26 @@ class VisionEfficientTuningPipeline(Pipeline):
     """
 
     def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
-                 batch_size: int = DEFAULT_BATCH_SIZE, topk: int = DEFAULT_TOPK, **kwargs):
+                 batch_size: int = DEFAULT_BATCH_SIZE, topk: int = DEFAULT_TOPK, backbone: Optional[str] = None,
+                 **kwargs):
         device = _check_device(device)
         self.batch_size = _positive_int(batch_size, 'batch_size')
         self.topk = _positive_int(topk, 'topk')
+        self.group = None
+        self._many = isinstance(model, (list, tuple))
+        if self._many or backbone is not None:
+            # several models (one result per model), and folders holding only tuners: backbones loaded once
+            from .multitask import TaskGroup
+            sources = [_local_model(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+            if not sources:
+                raise ValueError('model=[]: expected at least one model')
+            self.group = TaskGroup(sources, backbone=backbone)
+            model = self.group.models[0]
         super().__init__(model=_check_model_path(model), device=device,
                          preprocessor=_BUILD_LATER if preprocessor is None else preprocessor, **kwargs)
+        if self.group is not None:
+            self.models = self.group.models
+            self.preprocessors = _preprocessors(self.models, self.cfg, preprocessor)
         img_size = self._model_img_size()
         if self.preprocessor is _BUILD_LATER:
             self.preprocessor = VisionEfficientTuningPreprocessor.from_model_dir(
@@ -134,12 +183,54 @@ class VisionEfficientTuningPipeline(Pipeline):
 
     # -- ModelScope's hooks ----------------------------------------------------------------------------------------
     def __call__(self, input: Union[Input, List[Input]], *args, **kwargs):  # noqa: A002 - ModelScope's name
-        """One input -> one result dict; a list -> a list of them (``batch_size`` per forward)."""
+        """One input -> one result dict; a list -> a list of them (``batch_size`` per forward). With several models
+        (``model=[...]``): one input -> a list of result dicts, one per model in order; a list -> a list of those."""
         if 'batch_size' in kwargs and kwargs['batch_size'] is not None:
             kwargs['batch_size'] = _positive_int(kwargs['batch_size'], 'batch_size')
+        if self.group is not None:
+            return self._call_models(input, **kwargs)
         if isinstance(input, list) and kwargs.get('batch_size') is None:
             kwargs['batch_size'] = self.batch_size  # ModelScope would otherwise run one forward per image
         return super().__call__(input, *args, **kwargs)
+
+    def _call_models(self, input: Union[Input, List[Input]], batch_size: Optional[int] = None,  # noqa: A002
+                     **kwargs) -> list:
+        """Every model on every input: each batch is preprocessed once per distinct preprocessing, the models that
+        share a backbone share it (:class:`~.multitask.TaskGroup`)."""
+        _, _, post = self._sanitize_parameters(**kwargs)
+        single = not isinstance(input, list)
+        items = [input] if single else input
+        size = batch_size or self.batch_size
+        results: List[List[Dict[str, list]]] = []
+        for start in range(0, len(items), size):
+            chunk = items[start:start + size]
+            batches: Dict[int, torch.Tensor] = {}
+            for pre in self.preprocessors:
+                if id(pre) not in batches:
+                    tensors = []
+                    for offset, item in enumerate(chunk):
+                        try:
+                            tensors.append(pre(item)['imgs'].unsqueeze(0))
+                        except ImageInputError as e:
+                            raise ImageInputError(f'input [{start + offset}] of the list: {e}') from e
+                    batches[id(pre)] = torch.cat(tensors)
+            device = next(self.models[0].parameters()).device
+            inputs = [batches[id(pre)].to(device) for pre in self.preprocessors]
+            with device_placement(self.framework, self.device_name), torch.no_grad():
+                scores = self.group.scores(inputs)
+            for row in range(len(chunk)):
+                per_model = [self._postprocess_for(m, s[row], **post) for m, s in zip(self.models, scores)]
+                results.append(per_model if self._many else per_model[0])
+        return results[0] if single else results
+
+    def _postprocess_for(self, model, scores: torch.Tensor, topk: Optional[int] = None) -> Dict[str, list]:
+        scores = scores.detach().float().cpu().reshape(-1)
+        k = min(topk or self.topk, scores.numel())
+        values, indices = torch.sort(scores, descending=True, stable=True)
+        classes = getattr(model, 'CLASSES', None)
+        labels = [str(classes[i]) if classes is not None and i < len(classes) else str(i)
+                  for i in indices[:k].tolist()]
+        return {OutputKeys.SCORES: values[:k].tolist(), OutputKeys.LABELS: labels}
 
     def _sanitize_parameters(self, **kwargs) -> Tuple[Dict, Dict, Dict]:
         unknown = sorted(set(kwargs) - set(CALL_ARGS))
@@ -173,13 +264,7 @@ class VisionEfficientTuningPipeline(Pipeline):
 
     def postprocess(self, inputs: Dict[str, Any], topk: Optional[int] = None, **post_params) -> Dict[str, list]:
         """``inputs['scores']``: (1, C) or (C,) probabilities -> top-k scores (descending) and their labels."""
-        scores = inputs[OutputKeys.SCORES].detach().float().cpu().reshape(-1)
-        k = min(topk or self.topk, scores.numel())
-        values, indices = torch.sort(scores, descending=True, stable=True)
-        classes = getattr(self.model, 'CLASSES', None)
-        labels = [str(classes[i]) if classes is not None and i < len(classes) else str(i)
-                  for i in indices[:k].tolist()]
-        return {OutputKeys.SCORES: values[:k].tolist(), OutputKeys.LABELS: labels}
+        return self._postprocess_for(self.model, inputs[OutputKeys.SCORES], topk)
 
     def _process_batch(self, input: List[Input], batch_size: int, **kwargs) -> List[Dict[str, list]]:  # noqa: A002
         """Preprocess ``batch_size`` inputs, run one forward on them, postprocess each row."""

@@ -21,7 +21,7 @@ from modelscope_utuning.tuners import tuner_kinds
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'modelscope_utuning')
 LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
-          ('compat', 'registration', 'model', 'pipeline', 'preprocessing', 'data', 'training',
+          ('compat', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
            'deploy'),
           ('cli', 'demo', '__main__', '__init__')]
 

@@ -242,3 +242,59 @@ def test_import_without_pkg_resources():
         assert "ImportError: this ModelScope release imports pkg_resources" in out.stdout
     else:
         assert out.stdout.strip().splitlines()[-1] == 'imported'
+
+
+# -- 6. the upload queue of a checkpoint hook that uploads nothing ----------------------------------------------------
+def test_a_checkpoint_hook_that_uploads_nothing_starts_no_processes():
+    import multiprocessing
+    from modelscope.trainers.hooks import CheckpointHook
+
+    class T:
+        logger = None
+    hook = CheckpointHook(interval=1)
+    assert compat.quiet_upload_queue(hook) and isinstance(hook, CheckpointHook)
+    hook.logger = __import__('logging').getLogger('t')
+    before = len(multiprocessing.active_children())
+    hook.after_run(T())
+    assert len(multiprocessing.active_children()) == before  # ModelScope's own starts a Manager and a submitter
+    uploading = CheckpointHook(interval=1, push_to_hub=True, hub_repo_id='o/n')
+    assert not compat.quiet_upload_queue(uploading) and type(uploading) is CheckpointHook
+
+
+# -- 7. ModelScope's default hooks, shared by reference ----------------------------------------------------------------
+def test_default_hooks_are_not_wiped_by_earlier_trainers(tmp_path):
+    """ModelScope's merge + update_cfg empties its global default hooks; our trainers keep their own copies."""
+    script = textwrap.dedent(f'''
+        import json, os
+        import numpy as np
+        from PIL import Image
+        import modelscope_utuning
+        from modelscope.metainfo import Trainers
+        from modelscope.trainers import build_trainer
+        from modelscope.trainers.default_config import DEFAULT_HOOKS_CONFIG, merge_cfg, update_cfg
+        from modelscope.utils.config import Config
+        from modelscope_utuning.training.defaults import model_configuration
+        root = {str(tmp_path)!r}
+        c = Config({{'train': {{}}}}); merge_cfg(c); update_cfg(c)  # what any default-hook trainer does first
+        print('global after one trainer:', DEFAULT_HOOKS_CONFIG['train.hooks'][:2])
+        for c in 'ab':
+            os.makedirs(os.path.join(root, 'data', c), exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((16, 16, 3), 60 + 120 * (c == 'b'), np.uint8)).save(
+                    os.path.join(root, 'data', c, f'{{i}}.png'))
+        os.makedirs(os.path.join(root, 'm'), exist_ok=True)
+        json.dump(model_configuration(dict(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                                      {{'num_classes': 2}}, preprocessor={{'resize': 16}}),
+                  open(os.path.join(root, 'm', 'configuration.json'), 'w'))
+        for run in range(2):
+            t = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+                model=os.path.join(root, 'm'), work_dir=os.path.join(root, f'w{{run}}'),
+                train_dataset=os.path.join(root, 'data'), cfg_modify_fn=lambda cfg: cfg))
+            print('hooks', run, sorted(type(h).__name__ for h in t.hooks))
+    ''')
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith(('global', 'hooks'))]
+    assert lines[0] == 'global after one trainer: [{}, {}]'  # ModelScope's own state, untouched by us
+    for line in lines[1:]:
+        assert 'CheckpointHook' in line and 'TextLoggerHook' in line, line

@@ -13,7 +13,7 @@ none) that joins the last residual stream: ``x_L + b_L``. Back-propagation never
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -47,25 +47,34 @@ def forward_bypass(vit, x: torch.Tensor, class_token_only: bool = False) -> torc
     """Bypass mode (see the module docstring). Each block's tuners run right after its frozen step, so only their
     small inputs outlive it. Under class-token pooling the side stream only reaches the class row, so the tuners
     see just that row."""
+    return forward_bypass_many(vit, x, [vit], class_token_only)[0]
+
+
+def forward_bypass_many(vit, x: torch.Tensor, tuned: List, class_token_only: bool = False) -> List[torch.Tensor]:
+    """Bypass mode for several sets of tuners over one frozen backbone: ``vit``'s frozen blocks run once, and
+    each backbone of ``tuned`` (the same frozen weights, its own tuners; ``vit`` itself may be one of them) adds
+    its own side stream. Returns each one's tokens after its final norm."""
     n_side = 1 if class_token_only else None
-    side = None
+    sides: List[Optional[torch.Tensor]] = [None] * len(tuned)
     last = len(vit.blocks) - 1
     for i, blk in enumerate(vit.blocks):
         with torch.no_grad():
             x, contexts = blk.forward_frozen(x, n_out=n_side if i == last else None)
             if n_side is not None and i != last:
                 contexts = {op: _rows(ctx, n_side) for op, ctx in contexts.items()}
-        if side is not None:
-            for tuner in blk.tuners_at(BYPASS_POINT):
-                side = tuner.carry(side)
-        for op in OPS:
-            for tuner in blk.tuners_at(op):
-                d = tuner.delta(contexts[op])
-                side = d if side is None else side + d
-    if side is not None:
-        x = x if n_side is None else x[:, :n_side]
-        x = x + side
-    return vit.norm(x)
+        for t, other in enumerate(tuned):
+            tblk = other.blocks[i]
+            side = sides[t]
+            if side is not None:
+                for tuner in tblk.tuners_at(BYPASS_POINT):
+                    side = tuner.carry(side)
+            for op in OPS:
+                for tuner in tblk.tuners_at(op):
+                    d = tuner.delta(contexts[op])
+                    side = d if side is None else side + d
+            sides[t] = side
+    x = x if n_side is None else x[:, :n_side]
+    return [other.norm(x if side is None else x + side) for other, side in zip(tuned, sides)]
 
 
 def _rows(ctx, n: int):

@@ -143,16 +143,19 @@ def clean_stale_outputs(output_dir: str) -> None:
 
 def export_output(model, cfg: Dict, output_dir: str, eval_results: Optional[Dict] = None,
                   log_json: Optional[str] = None, data: Optional[Dict[str, str]] = None,
-                  iters_per_epoch: Optional[int] = None) -> str:
+                  iters_per_epoch: Optional[int] = None, tuner_only: bool = False, base_path: bool = False) -> str:
     """Write the whole output folder for ``model`` (a VisionEfficientTuningModel), replacing ``output_dir`` only
-    once every file is written; returns the folder."""
+    once every file is written; returns the folder. ``tuner_only``: no ``pytorch_model.pt`` (a few MB: tuners, head
+    and the backbone's fingerprint; it loads against the backbone given once, ``pipeline(..., backbone=...)``);
+    ``base_path``: record the base weights file's path in adapter_config.json (a path of this machine)."""
     output_dir = os.path.abspath(output_dir)
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent)
     try:
-        model.save_hub_checkpoint(tmp)
-        model.model.save_tuners(tmp)
+        if not tuner_only:
+            model.save_hub_checkpoint(tmp)
+        model.model.save_tuners(tmp, base_path)
         out_cfg = output_configuration(cfg, model.head.num_classes, model.model.resolved_backbone_config())
         write_text_atomic(os.path.join(tmp, 'configuration.json'), json.dumps(out_cfg, indent=4) + '\n')
         write_card(model, out_cfg, tmp, eval_results, log_json, data, iters_per_epoch)

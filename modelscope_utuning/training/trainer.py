@@ -28,7 +28,7 @@ from modelscope.utils.constant import ModeKeys, ModelFile, TrainerStages
 from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
-from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
+from ..compat import from_pretrained_trust_kwargs, own_default_hooks, trainer_trust_remote_code, warmup_options
 from ..extras import require
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
@@ -110,6 +110,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     # -- configuration -----------------------------------------------------------------------------------
     def rebuild_config(self, cfg):
+        own_default_hooks(cfg)  # compat.py, 7.
         cfg = apply_defaults(cfg)
         cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
         # before the model and data are built, so that their memory already follows the setting
