@@ -57,6 +57,25 @@ def set_cpu_allocator(kind: str) -> bool:
     return module.use_cpu_allocator(kind)
 
 
+def _cpu() -> dict:
+    """lscpu's model name and the vector / matrix flags, recorded beside every figure."""
+    import subprocess
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return {}
+    info = dict(line.split(':', 1) for line in out.splitlines() if ':' in line)
+    flags = [f for f in info.get('Flags', '').split() if f.startswith(('avx', 'amx')) or f in ('fma', 'f16c')]
+    return {'cpu': info.get('Model name', '').strip(), 'cpu_flags': ' '.join(flags)}
+
+
+def _kernels(impl: str) -> dict:
+    if impl != 'ours':
+        return {}
+    from modelscope_utuning.backbone import kernels
+    return {k: v for k, v in kernels.chosen().items()}
+
+
 def load(impl: str, model_dir: str):
     if impl == 'ours':
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -123,6 +142,7 @@ def main():
             with torch.inference_mode(), ctx():
                 model({'imgs': x})
 
+    step()  # the first step chooses our kernels for these shapes (backbone/kernels.py): measure after it
     activation_bytes = None
     if args.mode == 'train':  # bytes autograd keeps for backward during one forward (the activation memory)
         saved = []
@@ -155,6 +175,7 @@ def main():
         'cuda_peak_gb': round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == 'cuda' else None,
         'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
         'threads': torch.get_num_threads(), 'model_dir': args.model_dir, 'merge_lora': args.merge_lora,
+        **_cpu(), 'kernels': _kernels(args.impl),
         'cpu_allocator': args.cpu_allocator if allocator_changed or args.cpu_allocator == 'default' else 'unchanged'}))
 
 
