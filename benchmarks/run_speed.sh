@@ -16,9 +16,10 @@ REPS=${REPS:-2}
 STEPS=${STEPS:-3}
 WARMUP=${WARMUP:-1}
 PRECISIONS=${PRECISIONS:-fp32}
+EXTRAS=${EXTRAS:-1}  # 0: only ours vs the built-in (the targets), not the variants only we have
 mkdir -p "$(dirname "$OUT")"
 [ -d "$ROOT/utuning" ] || $REF_PY tests/fixtures/make_builtin_vitb16_reference.py "$ROOT/utuning"
-[ -d "$ROOT/tri" ] || python benchmarks/make_models.py "$ROOT"
+[ "$EXTRAS" = 0 ] || [ -d "$ROOT/tri" ] || python benchmarks/make_models.py "$ROOT"
 run() { local py=$1; shift; $py benchmarks/speed.py --steps "$STEPS" --warmup "$WARMUP" "$@" >> "$OUT"; }
 for rep in $(seq "$REPS"); do
   for mode in train infer; do
@@ -28,6 +29,7 @@ for rep in $(seq "$REPS"); do
       run "$REF_PY" --impl builtin --model-dir "$ROOT/utuning" --mode $mode --precision $prec
     done
   done
+  [ "$EXTRAS" = 0 ] && continue
   run python --impl ours --model-dir "$ROOT/utuning" --mode train --cpu-allocator lean
   run "$REF_CPU_PY" --impl builtin --model-dir "$ROOT/utuning" --mode train --cpu-allocator lean
   run python --impl ours --model-dir "$ROOT/tri" --mode train

@@ -88,6 +88,10 @@ def load(impl: str, model_dir: str):
             _torchvision_placeholder()
     model = Model.from_pretrained(model_dir)
     if impl == 'builtin':
+        # A stray import of our package (e.g. a module on sys.path shadowing one that another library probes)
+        # would register our model under the same type and measure it in the built-in's place.
+        if 'modelscope_utuning' in sys.modules or not type(model).__module__.startswith('modelscope.'):
+            sys.exit(f'the built-in run loaded {type(model).__module__}: not ModelScope\'s own code')
         for name, p in model.named_parameters():
             p.requires_grad = any(k in name for k in TUNER_KEYS) and 'backbone.head' not in name
     return model

@@ -46,14 +46,14 @@ def test_the_faster_candidate_is_chosen_and_remembered(chooser, tmp_path):
 
     def quick():
         calls.append('math')
-    assert chooser.choose('attention', 'k1', {'sdpa': slow, 'math': quick}) == 'math'
+    assert chooser.choose('attention', 'k1', lambda: {'sdpa': slow, 'math': quick}) == 'math'
     assert len(calls) == 2 * (kernels._WARMUP + kernels._REPS)
-    assert chooser.choose('attention', 'k1', {'sdpa': slow, 'math': quick}) == 'math'
+    assert chooser.choose('attention', 'k1', lambda: {'sdpa': slow, 'math': quick}) == 'math'
     assert len(calls) == 2 * (kernels._WARMUP + kernels._REPS)  # not timed again
     saved = json.load(open(tmp_path / 'kernels.json'))
     assert saved == {'machine': kernels.machine_id(), 'choices': {'attention|k1': 'math'}}
     other = kernels.KernelChooser()  # another process on this machine reads the same choice, times nothing
-    assert other.choose('attention', 'k1', {'sdpa': lambda: calls.append('x'), 'math': quick}) == 'math'
+    assert other.choose('attention', 'k1', lambda: {'sdpa': lambda: calls.append('x'), 'math': quick}) == 'math'
     assert calls.count('x') == 0
 
 
@@ -65,18 +65,18 @@ def test_a_cache_of_another_machine_is_ignored(chooser, tmp_path):
 
     def slow():
         time.sleep(0.004)
-    assert chooser.choose('attention', 'k2', {'sdpa': quick, 'math': slow}) == 'sdpa'
+    assert chooser.choose('attention', 'k2', lambda: {'sdpa': quick, 'math': slow}) == 'sdpa'
 
 
 def test_forced_default_and_failing_candidates(chooser, monkeypatch):
     def boom():
         raise RuntimeError('no such kernel here')
-    assert chooser.choose('linear', 'k3', {'onednn': lambda: None, 'addmm': boom}) == 'onednn'  # falls back
+    assert chooser.choose('linear', 'k3', lambda: {'onednn': lambda: None, 'addmm': boom}) == 'onednn'  # falls back
     monkeypatch.setenv('UTUNING_LINEAR', 'addmm')
-    assert chooser.choose('linear', 'k3', {}) == 'addmm'
+    assert chooser.choose('linear', 'k3', lambda: {}) == 'addmm'
     monkeypatch.delenv('UTUNING_LINEAR')
     monkeypatch.setenv('UTUNING_KERNELS', 'default')
-    assert chooser.choose('attention', 'k4', {}) == 'sdpa'
+    assert chooser.choose('attention', 'k4', lambda: {}) == 'sdpa'
 
 
 def test_model_attention_uses_the_choice(chooser, monkeypatch):
@@ -98,4 +98,25 @@ def test_a_candidate_must_win_clearly_to_replace_the_default(chooser):
 
     def barely():
         time.sleep(0.0097)
-    assert chooser.choose('attention', 'k5', {'sdpa': default, 'math': barely}) == 'sdpa'
+    assert chooser.choose('attention', 'k5', lambda: {'sdpa': default, 'math': barely}) == 'sdpa'
+
+
+def test_a_remembered_choice_builds_no_synthetic_inputs(chooser, monkeypatch):
+    """The candidates' synthetic inputs are made only to time them: a forward whose kernels are already chosen
+    makes none (making them on every call once cost a third of a ViT-B forward)."""
+    from modelscope_utuning.backbone import linear
+    from modelscope_utuning.backbone.vit import VisionTransformer
+    built = []
+    for module, name in ((kernels, '_attention_runners'), (linear, '_fp32_runners')):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: built.append(name) or real(*a))
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4).requires_grad_(False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = vit(x)
+    assert '_attention_runners' in built and '_fp32_runners' in built  # the first forward timed its kernels
+    built.clear()
+    with torch.no_grad():
+        again = vit(x)
+    assert built == []
+    torch.testing.assert_close(first, again)

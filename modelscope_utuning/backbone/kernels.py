@@ -102,9 +102,11 @@ class KernelChooser:
     def choices(self) -> Dict[str, str]:
         return dict(self._choices)
 
-    def choose(self, op: str, key: str, runners: Dict[str, Callable[[], None]]) -> str:
-        """The candidate to use for ``key``: forced, remembered, or timed now with ``runners`` (name -> a call
-        that runs the candidate once on synthetic inputs, backward included where the key says so)."""
+    def choose(self, op: str, key: str, make_runners: Callable[[], Dict[str, Callable[[], None]]]) -> str:
+        """The candidate to use for ``key``: forced, remembered, or timed now with the runners that
+        ``make_runners()`` returns (name -> a call that runs the candidate once on synthetic inputs, backward
+        included where the key says so). ``make_runners`` is called only when timing: this runs on every
+        forward, and building the synthetic inputs costs as much as the operation itself."""
         names = CANDIDATES[op]
         forced = os.environ.get(FORCE_ENV[op])
         if forced in names:
@@ -121,7 +123,7 @@ class KernelChooser:
                 choice = self._choices.get(full)
                 if choice is not None:
                     return choice
-            choice = _time(runners, names[0])
+            choice = _time(make_runners(), names[0])
             self._choices[full] = choice
             self._save()
         logger.debug(f'kernel for {full}: {choice}')
@@ -177,7 +179,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
             torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    choice = CHOOSER.choose('attention', _attention_key(q, k, grad), _attention_runners(q, k, v, grad))
+    choice = CHOOSER.choose('attention', _attention_key(q, k, grad), lambda: _attention_runners(q, k, v, grad))
     if choice == 'math':
         return math_attention(q, k, v)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -199,12 +201,12 @@ def _attention_runners(q, k, v, grad: bool) -> Dict[str, Callable[[], None]]:
 
 # -- frozen linears ---------------------------------------------------------------------------------------------------
 def linear_choice(x: torch.Tensor, weight: torch.Tensor, grad: bool,
-                  runners: Dict[str, Callable[[], None]]) -> str:
+                  make_runners: Callable[[], Dict[str, Callable[[], None]]]) -> str:
     """'onednn' or 'addmm' for a frozen fp32 linear of this width and about this many rows."""
     rows = x.numel() // max(x.shape[-1], 1)
     key = (f'{weight.device.type}|{weight.dtype}|grad={grad}|in={weight.shape[1]}|out={weight.shape[0]}|'
            f'rows={_bucket(rows)}')
-    return CHOOSER.choose('linear', key, runners)
+    return CHOOSER.choose('linear', key, make_runners)
 
 
 def chosen() -> Dict[str, str]:

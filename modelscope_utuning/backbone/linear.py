@@ -125,7 +125,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         weight, bias = weight[rows], (None if bias is None else bias[rows])
     if _fp32_cpu_frozen(x, weight, bias):
         grad = torch.is_grad_enabled() and x.requires_grad
-        kernel = kernels.linear_choice(x, weight, grad, _fp32_runners(x, weight, bias, grad))
+        kernel = kernels.linear_choice(x, weight, grad, lambda: _fp32_runners(x, weight, bias, grad))
         return _FrozenLinear.apply(x, weight, bias, kernel)
     return F.linear(x, weight, bias)
 
