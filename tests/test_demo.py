@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -31,11 +30,9 @@ def test_demo_data_is_real_and_small():
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
-    start = time.time()
+    # How long it takes is a benchmark's business, not a test's (it depends on the machine and its load).
     result = demo.run_demo(str(tmp_path), quick=True)
-    elapsed = time.time() - start
     printed = capsys.readouterr().out
-    assert elapsed < 90, f'the quick demo took {elapsed:.0f} s'
 
     for key in ('accuracy_before', 'accuracy_after', 'linear_probe_accuracy', 'pretrain_accuracy'):
         assert 0.0 <= result[key] <= 1.0, key

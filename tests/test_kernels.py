@@ -120,3 +120,14 @@ def test_a_remembered_choice_builds_no_synthetic_inputs(chooser, monkeypatch):
         again = vit(x)
     assert built == []
     torch.testing.assert_close(first, again)
+
+
+def test_timing_a_kernel_leaves_the_global_random_state_alone(chooser):
+    """A run times its kernels at its first forward; its resume, which reads the cached choice, times nothing. Both
+    must draw the same random numbers afterwards, or the resume ends with other weights."""
+    x = torch.randn(3, 2, 5, 8, requires_grad=True)
+    before = torch.get_rng_state()
+    with torch.enable_grad():
+        kernels.attention(x, x, x)  # timed here: synthetic inputs drawn
+    assert 'attention|' + kernels._attention_key(x, x, True) in chooser.choices()
+    assert torch.equal(torch.get_rng_state(), before)

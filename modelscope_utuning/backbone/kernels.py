@@ -123,7 +123,11 @@ class KernelChooser:
                 choice = self._choices.get(full)
                 if choice is not None:
                     return choice
-            choice = _time(make_runners(), names[0])
+            # The synthetic inputs are random: draw them without touching the global generators, so that a
+            # run whose first forward times a kernel and its resume, which finds the choice cached, draw the
+            # same random numbers for everything else (augmentation, initialisation, dropout).
+            with torch.random.fork_rng(devices=_rng_devices()):
+                choice = _time(make_runners(), names[0])
             self._choices[full] = choice
             self._save()
         logger.debug(f'kernel for {full}: {choice}')
@@ -153,6 +157,13 @@ def _time(runners: Dict[str, Callable[[], None]], default: str, margin: float = 
 
 
 CHOOSER = KernelChooser()
+
+
+def _rng_devices() -> list:
+    """The CUDA devices whose generator a timing could draw from (none where CUDA was never started)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def _bucket(n: int) -> int:
