@@ -142,6 +142,14 @@ class VisionEfficientTuning(nn.Module):
         names |= {n for n, p in self.named_parameters() if p.ndim <= 1}
         return names
 
+    def lr_scales(self) -> Dict[str, float]:
+        """Names (relative to the network) whose learning rate is the tuner rate times a factor of the tuner's own
+        (:meth:`Tuner.lr_scales`, e.g. LoRA's ``A``); every other parameter has factor 1."""
+        out = {}
+        for name, tuner, _ in self.tuners():
+            out.update({f'{name}.{n}': float(f) for n, f in tuner.lr_scales().items()})
+        return out
+
     def parameter_roles(self) -> Dict[str, str]:
         """Trainable parameter name -> 'head' | 'tuner' | 'backbone' (for per-role learning rates)."""
         head = {id(p) for p in self.head.parameters()}

@@ -234,3 +234,33 @@ def test_validate_config_reads_modelscope_configs():
     cfg = Config({'train': {'max_epochs': 'abc', 'optimizer': {'lr': 0}}, 'model': {'head': {'num_classes': 2}}})
     with pytest.raises(ValueError, match=r"train.max_epochs='abc'.*train.optimizer.lr=0"):
         validate_config(cfg)
+
+
+# -- LoRA+: A learns slower than B ------------------------------------------------------------------------------------
+@pytest.mark.parametrize('entry,factor', [({'lora_length': 4}, 1 / 16),
+                                          ({'tuners': [{'type': 'lora', 'op': 'ffn', 'rank': 4, 'lr_ratio': 4}]}, 1 / 4),
+                                          ({'tuners': [{'type': 'lora', 'op': 'mha', 'rank': 4, 'lr_ratio': 1}]}, 1.0)])
+def test_lora_a_learns_at_the_tuner_lr_over_lr_ratio(entry, factor):
+    """Only the optimizer changes: A (every ``*_a`` of every layer) at lr / lr_ratio, B and the head as before."""
+    from modelscope_utuning import VisionEfficientTuningModel
+    from modelscope_utuning.training.optim import param_groups
+    model = VisionEfficientTuningModel(backbone=dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=4,
+                                                     **entry), head={'num_classes': 3})
+    groups = param_groups(model, 1e-2, 1e-4, head_lr=5e-2)
+    lr_of = {n: g['lr'] for g in groups for n in g['names']}
+    a = [n for n in lr_of if n.split('.')[-2].endswith('_a')]
+    b = [n for n in lr_of if n.split('.')[-2].endswith('_b')]
+    pairs_per_layer = 2 if "'op': 'ffn'" in repr(entry) else 1  # ffn: fc1 and fc2; mha: the fused qkv
+    assert len(a) == len(b) == 2 * pairs_per_layer
+    assert all(lr_of[n] == pytest.approx(1e-2 * factor) for n in a)
+    assert all(lr_of[n] == 1e-2 for n in b)
+    assert all(lr_of[n] == 5e-2 for n in lr_of if n.startswith('head.'))
+    assert sorted(lr_of) == sorted(n for n, p in model.model.named_parameters() if p.requires_grad)
+
+
+def test_lora_lr_ratio_must_be_positive():
+    from modelscope_utuning import VisionEfficientTuningModel
+    with pytest.raises(ValueError, match='lr_ratio'):
+        VisionEfficientTuningModel(backbone=dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=4,
+                                                 tuners=[{'type': 'lora', 'rank': 2, 'lr_ratio': 0}]),
+                                   head={'num_classes': 3})

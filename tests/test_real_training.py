@@ -27,7 +27,8 @@ TOOL = os.path.join(os.path.dirname(ROOT), 'shared', 'tools', 'real_backbone.py'
 DEFAULT_PATH = os.path.join(os.path.expanduser('~'), '.cache', 'modelscope_utuning', 'dinov2_vits14.safetensors')
 DATA = os.path.join(ROOT, 'modelscope_utuning', 'demo_data', 'fashion_mnist_subset.npz')
 DINOV2_S14 = {'patch_size': 14, 'embed_dim': 384, 'depth': 12, 'num_heads': 6, 'init_values': 1.0, 'img_size': 56}
-KINDS = [(kind, op) for kind in ('adapter', 'prefix', 'prompt') for op in ('mha', 'ffn', 'block')]
+KINDS = [(kind, op) for kind in ('adapter', 'prefix', 'prompt') for op in ('mha', 'ffn', 'block')] + \
+    [('lora', 'mha'), ('lora', 'ffn')]  # LoRA: plain AdamW at 1e-2 ended at chance before A learnt at lr / 16
 
 
 @pytest.fixture(scope='module')
@@ -59,11 +60,12 @@ def few_shot():
 def test_parallel_tuner_trains_on_a_real_backbone_at_lr_1e_2(real_weights, few_shot, kind, op):
     x, y = few_shot
     torch.manual_seed(0)
-    size = {'dim': 10} if kind == 'adapter' else {'length': 10}
+    size = {'dim': 10} if kind == 'adapter' else {'rank': 10} if kind == 'lora' else {'length': 10}
     model = VisionEfficientTuningModel(backbone=dict(DINOV2_S14, pretrained_weights=real_weights,
                                                      tuners=[dict(type=kind, op=op, **size)]),
                                        head={'num_classes': 10})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=1e-4)
+    from modelscope_utuning.training.optim import param_groups  # the trainer's groups (the tuners' lr factors)
+    opt = torch.optim.AdamW(param_groups(model, 1e-2, 1e-4), lr=1e-2, weight_decay=1e-4)
     g = torch.Generator().manual_seed(0)
     losses = []
     model.train()

@@ -7,20 +7,23 @@ from typing import Dict, List, Optional
 
 
 def param_groups(model, lr: float, weight_decay: float, head_lr: Optional[float] = None) -> List[Dict]:
-    """Trainable parameters only, split into (head | the rest) x (decay | no decay) groups. ``model``: our
-    ModelScope model or its network; names in the groups are relative to the network."""
+    """Trainable parameters only, split into (head | the rest) x (decay | no decay) x (the tuner's own lr factor,
+    e.g. LoRA's A at lr / 16) groups. ``model``: our ModelScope model or its network; names in the groups are
+    relative to the network."""
     net = getattr(model, 'model', model)
     roles = net.parameter_roles()
     exempt = net.no_weight_decay()
+    scales = net.lr_scales() if hasattr(net, 'lr_scales') else {}
     groups: Dict[tuple, Dict] = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
         is_head = roles.get(name) == 'head'
         nd = name in exempt
-        key = (is_head, nd)
+        scale = 1.0 if is_head else scales.get(name, 1.0)
+        key = (is_head, nd, -scale)  # factor-1 groups first, as before there were factors
         if key not in groups:
-            groups[key] = {'params': [], 'names': [], 'lr': head_lr if is_head and head_lr else lr,
+            groups[key] = {'params': [], 'names': [], 'lr': (head_lr if is_head and head_lr else lr) * scale,
                            'weight_decay': 0.0 if nd else weight_decay}
         groups[key]['params'].append(p)
         groups[key]['names'].append(name)

@@ -119,6 +119,12 @@ class Tuner(nn.Module, TunerHooks):
         1-d parameters are exempt anyway."""
         return set()
 
+    def lr_scales(self) -> Dict[str, float]:
+        """Own parameter name -> factor on the tuner learning rate, for parameters whose update must be smaller
+        (or larger) than the rest to keep one optimizer step's effect on the OP's output of the order of the
+        learning rate (see LoRA). Default: none, every parameter learns at the tuner learning rate."""
+        return {}
+
     def merge(self, host: nn.Module) -> None:
         """Fold this tuner into ``host``'s frozen weights (mergeable kinds); the caller then detaches it."""
         raise NotImplementedError(f'{self.kind} tuners do not merge into the frozen weights')
