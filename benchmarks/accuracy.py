@@ -20,7 +20,8 @@ else is the trainer's default (AdamW, cosine by epoch, the trainer's warm-up ove
 head's own learning rate max(lr, 1e-2)), except ``--precision``. Tuner methods and the linear probe sweep
 ``--lrs`` (for the probe that is the head's rate, ``head_lr`` set to it); full fine-tuning sweeps ``--full-lrs`` for the backbone (head at
 the default). Results go to ``--out`` (JSON: every run with its command, loss and timings; runs of other
-settings are kept apart) and the table between the markers in benchmarks/README.md. One run at a time.
+settings are kept apart) and the table between the markers in benchmarks/README.md. One run at a time per
+process; several processes (e.g. ``--threads 1`` each, different methods) may share ``--out``.
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ METHODS: Dict[str, Any] = {
     'prefix': ('Prefix (original: sequential, mha, length 10)', {'legacy': ('prefix_length', TUNER_SIZE)}),
     'prompt': ('Prompt (original: VPT-deep, length 10)', {'legacy': ('prompt_length', TUNER_SIZE)}),
     'lora': ('LoRA (qkv, rank 10)', {'legacy': ('lora_length', TUNER_SIZE)}),
+    'lora_plain': ('LoRA, plain (A and B at one lr: lr_ratio 1, as before LoRA+)',
+                   {'tuners': [{'type': 'lora', 'op': 'mha', 'rank': TUNER_SIZE, 'lr_ratio': 1}]}),
     'utuning_single': ('U-Tuning single: P-Adapter ffn', {'tuners': [P_ADAPTER_FFN]}),
     'utuning_dual': ('U-Tuning dual: P-Adapter mha + ffn', {'tuners': [P_ADAPTER_MHA, P_ADAPTER_FFN]}),
     'utuning_tri': ('U-Tuning tri: P-Adapter mha + ffn + P-Prefix block', {'tuners': TRI}),
@@ -237,6 +240,7 @@ def run_one(method: str, lr: float, seed: int, s: argparse.Namespace, train_dir:
         'min_loss': min(losses) if losses else None, 'nan': any(not np.isfinite(v) for v in losses),
         'command': f'python benchmarks/accuracy.py --methods {method} --lrs {lr:g} --seeds {seed}'
                    + (f' --precision {s.precision}' if s.precision != 'fp32' else '')
+                   + (f' --threads {s.threads}' if s.threads != 2 else '')
                    + (f' --img-size {s.img_size}' if s.img_size != 112 else '')
                    + (f' --epochs {s.epochs}' if s.epochs != 15 else ''),
     }
@@ -396,8 +400,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               'version; skipped', flush=True)]
     settings = settings_of(s)
     key = key_of(settings)
-    doc.setdefault('settings_runs', {}).setdefault(key, {'settings': settings, 'runs': []})
-    part = doc['settings_runs'][key]
     data = load_fashion_mnist(s.data)
     scratch = tempfile.mkdtemp(prefix='utuning_acc_')
     print(f'scratch folder {scratch}; settings {json.dumps(settings)}', flush=True)
@@ -414,21 +416,37 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print(f'=== {method} lr {lr:g} seed {seed}: top-1 {100 * entry["top1"]:.1f}%  train '
                           f'{entry["train_s"]:.0f}s eval {entry["eval_s"]:.0f}s  loss {entry["first_loss"]} -> '
                           f'{entry["last_loss"]}', flush=True)
-                    part['runs'] = [r for r in part['runs'] if not (r['method'] == method and r['lr'] == lr
-                                                                      and r['seed'] == seed)] + [entry]
-                    doc['machine'] = machine_info(s.threads)
-                    doc['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
-                    write_results(s, doc)
+                    record(s, key, settings, entry)
     finally:
         if not s.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
 
+def record(s: argparse.Namespace, key: str, settings: Dict[str, Any], entry: Dict[str, Any]) -> None:
+    """Add one run to ``--out``: read the file afresh under a lock, replace the run of the same method, lr and seed,
+    write it back atomically. Several sweeps (e.g. one thread each, split by method) can share one results file."""
+    import fcntl
+    os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
+    with open(s.out + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        doc = load_results(s.out)
+        part = doc.setdefault('settings_runs', {}).setdefault(key, {'settings': settings, 'runs': []})
+        cpu = lscpu()
+        entry.setdefault('cpu', f"{cpu.get('model_name', '')} ({cpu.get('flags', '')})")
+        same = (entry['method'], entry['lr'], entry['seed'])
+        part['runs'] = [r for r in part['runs'] if (r['method'], r['lr'], r['seed']) != same] + [entry]
+        doc['machine'] = machine_info(s.threads)
+        doc['updated'] = datetime.datetime.now().isoformat(timespec='seconds')
+        write_results(s, doc)
+
+
 def write_results(s: argparse.Namespace, doc: Dict[str, Any]) -> None:
     render(doc, s.readme)
     for part in doc['settings_runs'].values():
-        part['runs'].sort(key=lambda r: (list(METHODS).index(r['method']), r['lr'], r['seed']))
+        # a method this copy of the script does not know (a newer one wrote it) sorts last and is kept
+        order = {m: i for i, m in enumerate(METHODS)}
+        part['runs'].sort(key=lambda r: (order.get(r['method'], len(order)), r['method'], r['lr'], r['seed']))
     tmp = s.out + '.tmp'
     os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)
     with open(tmp, 'w') as f:
