@@ -53,13 +53,6 @@ def timings(runners: dict, reps: int) -> dict:
     return times
 
 
-def pick(times: dict, default: str) -> str:
-    """The package's rule (kernels._time): the fastest best time, the default unless beaten by > 10 %."""
-    best = {n: min(t) for n, t in times.items()}
-    fastest = min(best, key=best.get)
-    return default if best[fastest] > 0.9 * best[default] else fastest
-
-
 def attention_runners(B, H, n, d, dtype, grad):
     q, k, v = (torch.randn(B, H, n, d, dtype=dtype, requires_grad=grad) for _ in range(3))
     g = torch.randn(B, H, n, d, dtype=dtype)
@@ -115,7 +108,7 @@ def main(argv=None) -> int:
 def summary(times: dict, default: str) -> dict:
     return {'ms_median': {n: round(1e3 * statistics.median(t), 2) for n, t in times.items()},
             'ms_best': {n: round(1e3 * min(t), 2) for n, t in times.items()},
-            'picked': pick(times, default)}
+            'picked': kernels.pick({n: min(t) for n, t in times.items()}, default)}
 
 
 if __name__ == '__main__':

@@ -150,6 +150,12 @@ def _time(runners: Dict[str, Callable[[], None]], default: str, margin: float = 
     except Exception as e:  # noqa: BLE001 - a candidate that fails here is never chosen
         logger.warning(f'kernel timing failed ({type(e).__name__}: {e}); using {default}')
         return default
+    return pick(best, default, margin)
+
+
+def pick(best: Dict[str, float], default: str, margin: float = 0.1) -> str:
+    """The candidate with the smallest best time; ``default`` stays unless another beats it by more than
+    ``margin`` (timing noise must not flip a choice)."""
     fastest = min(best, key=best.get)
     if default in best and best[fastest] > (1.0 - margin) * best[default]:
         return default
@@ -225,4 +231,4 @@ def chosen() -> Dict[str, str]:
     return CHOOSER.choices()
 
 
-__all__ = ['CANDIDATES', 'CHOOSER', 'attention', 'chosen', 'linear_choice', 'machine_id', 'math_attention']
+__all__ = ['CANDIDATES', 'CHOOSER', 'attention', 'chosen', 'linear_choice', 'machine_id', 'math_attention', 'pick']

@@ -13,7 +13,7 @@ def param_groups(model, lr: float, weight_decay: float, head_lr: Optional[float]
     net = getattr(model, 'model', model)
     roles = net.parameter_roles()
     exempt = net.no_weight_decay()
-    scales = net.lr_scales() if hasattr(net, 'lr_scales') else {}
+    scales = net.lr_scales()
     groups: Dict[tuple, Dict] = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:

@@ -12,8 +12,8 @@ the scale ``1 / sqrt(3 d_in)`` (about 0.03 for d_in = 384), and AdamW moves ever
 whatever its gradient, so at lr 1e-2 one step re-draws a third of ``A`` - the directions the update reads - while
 ``B`` (from zero) has barely started: on DINOv2 ViT-S/14 the loss climbs to 4.8 and training ends at chance
 (10 %), at 56 and 112 px alike, while 5e-4 trains. With ``A`` at ``lr / 16`` the same run (plain AdamW, 40 steps,
-56 px) reaches 97.5 % on its training images at 1e-2 and 100 % at 5e-4 (``B`` carries the early updates). Only the optimizer changes:
-the forward, the stored ``A`` / ``B`` and the hub layout stay the built-in's.
+56 px) reaches 97.5 % on its training images at 1e-2 and 100 % at 5e-4 (``B`` carries the early updates). Only
+the optimizer changes: the forward, the stored ``A`` / ``B`` and the hub layout stay the built-in's.
 """
 from __future__ import annotations
 
