@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Dict, List, Tuple
 
-from .backbone.vit import VisionTransformer
+from .backbone.vit import VisionTransformer, check_arguments
 from .tuners.base import legacy_keys
 from .tuners.spec import legacy_entries
 
@@ -31,6 +31,9 @@ def split_backbone_config(cfg: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Dic
     entries = list(cfg.get('tuners') or []) + legacy_entries(cfg)
     extras = {k: cfg[k] for k in OUR_KEYS if k in cfg and k != 'tuners'}
     vit_kwargs = {k: v for k, v in cfg.items() if k in VIT_ARGS}
+    defaults = {k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+                if k in VIT_ARGS}
+    check_arguments('model.backbone.', **{**defaults, **vit_kwargs})  # named as the configuration names them
     return vit_kwargs, entries, extras
 
 

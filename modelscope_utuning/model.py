@@ -141,7 +141,20 @@ class VisionEfficientTuningModel(TorchModel):
             self.model.set_default_trainable()
         for key, flag in (('freeze_part', False), ('train_part', True)):
             for part, substrings in (freeze_cfg.get(key) or {}).items():
-                for name, p in self._part_parameters(part):
+                if isinstance(substrings, str):
+                    substrings = [substrings]
+                if not isinstance(substrings, (list, tuple)) or not all(isinstance(s, str) for s in substrings):
+                    raise ValueError(f'model.freeze_cfg.{key}.{part}={substrings!r}: expected a list of name '
+                                     'substrings')
+                params = self._part_parameters(part)
+                for substring in substrings:
+                    # A pattern that matches nothing changes nothing: almost always a typo or another model's
+                    # naming, which would otherwise train (or freeze) something else than meant, silently.
+                    if not any(substring in name for name, _ in params):
+                        raise ValueError(
+                            f'model.freeze_cfg.{key}.{part}: {substring!r} matches no parameter of the {part} '
+                            f'(names look like {", ".join(n for n, _ in params[:4])}, ...)')
+                for name, p in params:
                     if _substring_match(name, substrings):
                         p.requires_grad = flag
 

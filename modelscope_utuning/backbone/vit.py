@@ -41,6 +41,52 @@ def make_activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def check_arguments(prefix: str = '', **kw) -> None:
+    """ValueError naming every ViT argument in ``kw`` that cannot build a working network (``prefix``, e.g.
+    ``'model.backbone.'``, makes the names those of the configuration). Checked here, when the model is built,
+    because each of these otherwise fails late or not at all: ``depth=0`` in an IndexError at the first forward,
+    ``patch_size=0`` in a ZeroDivisionError, ``mlp_ratio=-1`` in a negative-dimension RuntimeError, and an
+    ``img_size`` that ``patch_size`` does not divide would silently drop the image's last rows and columns."""
+    problems = []
+
+    def need(key, ok, expected):
+        if key in kw and not ok(kw[key]):
+            problems.append(f'{prefix}{key}={kw[key]!r}: expected {expected}')
+
+    for key in ('img_size', 'patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads'):
+        need(key, lambda v: _is_int(v) and v >= 1, 'an integer >= 1')
+    need('num_classes', lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+    need('mlp_ratio', lambda v: _is_number(v) and v > 0, 'a number > 0')
+    need('norm_eps', lambda v: _is_number(v) and v > 0, 'a number > 0')
+    for key in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        need(key, lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)')
+    need('init_values', lambda v: v is None or _is_number(v), 'a number or null')
+    need('act', lambda v: v in ACTIVATIONS, f'one of {sorted(ACTIVATIONS)}')
+    if not problems:
+        img, patch = kw.get('img_size'), kw.get('patch_size')
+        if _is_int(img) and _is_int(patch) and img % patch:
+            problems.append(f'{prefix}img_size={img!r} is not a multiple of {prefix}patch_size={patch!r}: the last '
+                            f'{img % patch} rows and columns of every image would be ignored; expected a multiple, '
+                            f'e.g. {img - img % patch or patch} or {img - img % patch + patch}')
+        dim, heads = kw.get('embed_dim'), kw.get('num_heads')
+        if _is_int(dim) and _is_int(heads) and dim % heads:
+            problems.append(f'{prefix}embed_dim={dim} must be divisible by {prefix}num_heads={heads}')
+        ratio = kw.get('mlp_ratio')
+        if _is_int(dim) and _is_number(ratio) and int(dim * ratio) < 1:
+            problems.append(f'{prefix}mlp_ratio={ratio!r}: embed_dim * mlp_ratio = {dim * ratio:g} leaves the MLP no '
+                            'hidden unit; expected a ratio with embed_dim * mlp_ratio >= 1')
+    if problems:
+        raise ValueError('; '.join(problems))
+
+
 class PatchEmbed(nn.Module):
     """``(B, 3, H, W) -> (B, H/p * W/p, C)`` by a stride-p convolution."""
 
@@ -343,6 +389,10 @@ class VisionTransformer(nn.Module):
                  norm_eps: float = 1e-6, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, num_classes: int = 0, no_embed_class: bool = False):
         super().__init__()
+        check_arguments(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                        depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, init_values=init_values,
+                        act=act, norm_eps=norm_eps, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                        drop_path_rate=drop_path_rate, num_classes=num_classes)
         if global_pool not in ('token', 'avg', ''):
             raise ValueError(f"global_pool={global_pool!r}: expected 'token', 'avg' or ''")
         if global_pool == 'token' and not class_token:

@@ -2,13 +2,22 @@
 
 A value that would only fail at the first step (``train.max_epochs = "abc"``: a bare TypeError deep in the loop)
 or, worse, run and write a misleading result (``train.max_epochs = 0``: an untrained ``output/`` with a model
-card) is refused here. Only keys whose meaning is ours or ModelScope's common training keys are checked; unknown
-sections are left to ModelScope.
+card) is refused here. Two kinds of checks:
+
+- values of our keys and ModelScope's common training keys (:data:`CHECKS`);
+- names that ModelScope looks up in its registries only when it first needs them (``train.optimizer.type`` and
+  ``train.lr_scheduler.type`` at iteration 0, ``evaluation.metrics`` after the first epoch, ``train.hooks``) and
+  the keyword arguments handed to what they name (an optimizer option ``momentumm`` would be a TypeError at
+  iteration 0; ``optimizer.options.grad_clipp`` would be silently ignored). The registries themselves are asked,
+  exactly as ModelScope's ``build_from_cfg`` asks them, and the signatures read (:func:`check_registered`).
+
+Unknown sections are left to ModelScope.
 """
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, List, Optional, Tuple
+import inspect
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from .precision import PRECISIONS
 
@@ -82,8 +91,9 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
-def validate_config(cfg: Any) -> None:
-    """ValueError listing every checked key whose value does not fit (``cfg``: a ModelScope Config or a dict)."""
+def validate_config(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',)) -> None:
+    """ValueError listing every checked key whose value does not fit (``cfg``: a ModelScope Config or a dict).
+    ``own_optimizer_keys``: keys of ``train.optimizer`` that the trainer consumes before ModelScope sees them."""
     problems = []
     for key, check in CHECKS:
         value = _get(cfg, key)
@@ -92,5 +102,155 @@ def validate_config(cfg: Any) -> None:
         problem = check(value)
         if problem:
             problems.append(f'{key}={value!r}: {problem}')
+    problems += check_registered(cfg, own_optimizer_keys)
     if problems:
         raise ValueError('configuration: ' + '; '.join(problems))
+
+
+# -- names ModelScope resolves late ------------------------------------------------------------------------------
+def _lookup(registry_name: str, name: str):
+    """The class ModelScope would build for ``name`` from its registry ``registry_name`` (OPTIMIZERS,
+    LR_SCHEDULER, METRICS, HOOKS), or None. The same two steps as ``build_from_cfg``: the lazy import of the
+    module that registers the name (its AST index), then the registry's own lookup."""
+    from modelscope.utils.import_utils import LazyImportModule
+    from modelscope.utils.registry import default_group
+    registry = _registry(registry_name)
+    found = registry.get(name, group_key=default_group)
+    if found is None:  # not imported yet (the lazy import warns about names its index lacks: only when needed)
+        try:
+            LazyImportModule.import_module((registry_name, default_group, name))
+        except Exception:  # noqa: BLE001  (a name the index does not know)
+            pass
+        found = registry.get(name, group_key=default_group)
+    return found
+
+
+def _registry(registry_name: str):
+    if registry_name == 'OPTIMIZERS':
+        from modelscope.trainers.optimizer.builder import OPTIMIZERS as registry
+    elif registry_name == 'LR_SCHEDULER':
+        from modelscope.trainers.lrscheduler.builder import LR_SCHEDULER as registry
+    elif registry_name == 'METRICS':
+        from modelscope.metrics.builder import METRICS as registry
+    else:
+        from modelscope.trainers.hooks.builder import HOOKS as registry
+    return registry
+
+
+def _names(registry_name: str) -> List[str]:
+    """Every name the registry holds or ModelScope's AST index says a module registers (lazily imported)."""
+    from modelscope.utils.registry import default_group
+    names = set(_registry(registry_name).modules.get(default_group, {}))
+    try:
+        from modelscope.utils.ast_utils import load_index
+        names |= {k[2] for k in load_index().get('index', {}) if k[0] == registry_name and k[1] == default_group}
+    except Exception:  # noqa: BLE001  (only for the message)
+        pass
+    return sorted(n for n in names if isinstance(n, str) and not n.startswith('_'))
+
+
+def _known(registry_name: str, name: str, limit: int = 12) -> str:
+    """'did you mean X? known: ...' for an unknown ``name``."""
+    import difflib
+    names = _names(registry_name)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    known = ', '.join(names[:limit]) + (f', ... ({len(names)} in all)' if len(names) > limit else '')
+    return (f'did you mean {" or ".join(repr(c) for c in close)}? ' if close else '') + f'known: {known}'
+
+
+def _parameters(fn: Callable) -> Tuple[set, bool]:
+    """(named keyword parameters, accepts **kwargs) of ``fn``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named - {'self'}, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _unknown_kwargs(key: str, given: Iterable[str], target: Callable, what: str,
+                    exclude: Iterable[str] = ()) -> List[str]:
+    named, var_kw = _parameters(target)
+    named -= set(exclude)
+    if var_kw:
+        return []
+    bad = sorted(k for k in given if k not in named)
+    return [f'{key}.{k}: {what} takes no option {k!r} (its options: {", ".join(sorted(named)) or "none"})'
+            for k in bad]
+
+
+def _type_of(section: Any, key: str) -> Tuple[Optional[Any], List[str]]:
+    if not isinstance(section, dict):
+        return None, [f'{key}={section!r}: expected a mapping with a "type"']
+    name = section.get('type')
+    if name is None:
+        return None, []
+    if not isinstance(name, str):
+        return None, [f'{key}.type={name!r}: expected a name']
+    return name, []
+
+
+def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',)) -> List[str]:
+    """Problems with the names ModelScope resolves late and the options handed to them (see the module doc)."""
+    from modelscope.trainers.hooks import LrSchedulerHook, OptimizerHook, TorchAMPOptimizerHook
+    problems: List[str] = []
+
+    optimizer = _get(cfg, 'train.optimizer')
+    if optimizer is not None:
+        name, problems_here = _type_of(optimizer, 'train.optimizer')
+        problems += problems_here
+        cls = _lookup('OPTIMIZERS', name) if name else None
+        if name and cls is None:
+            problems.append(f'train.optimizer.type={name!r}: not an optimizer ModelScope knows '
+                            f'({_known("OPTIMIZERS", name)})')
+        if cls is not None:
+            given = [k for k in optimizer if k not in ('type', 'options') and k not in set(own_optimizer_keys)]
+            problems += _unknown_kwargs('train.optimizer', given, cls.__init__, name, exclude=('params',))
+        options = optimizer.get('options') if isinstance(optimizer, dict) else None
+        if isinstance(options, dict):
+            allowed = _parameters(OptimizerHook.__init__)[0] | _parameters(TorchAMPOptimizerHook.__init__)[0]
+            problems += [f'train.optimizer.options.{k}: not an option of ModelScope\'s optimizer hook '
+                         f'(expected one of {", ".join(sorted(allowed))}); it would be ignored'
+                         for k in sorted(options) if k not in allowed]
+
+    scheduler = _get(cfg, 'train.lr_scheduler')
+    if scheduler is not None:
+        name, problems_here = _type_of(scheduler, 'train.lr_scheduler')
+        problems += problems_here
+        cls = _lookup('LR_SCHEDULER', name) if name else None
+        if name and cls is None:
+            problems.append(f'train.lr_scheduler.type={name!r}: not a learning-rate scheduler ModelScope knows '
+                            f'({_known("LR_SCHEDULER", name)})')
+        if cls is not None:
+            given = [k for k in scheduler if k not in ('type', 'options')]
+            problems += _unknown_kwargs('train.lr_scheduler', given, cls.__init__, name,
+                                        exclude=('optimizer', 'base_scheduler'))
+        options = scheduler.get('options') if isinstance(scheduler, dict) else None
+        if isinstance(options, dict):
+            allowed = _parameters(LrSchedulerHook.__init__)[0] | {'by_epoch'}
+            problems += [f'train.lr_scheduler.options.{k}: not an option of ModelScope\'s lr scheduler hook '
+                         f'(expected one of {", ".join(sorted(allowed))}); it would be ignored'
+                         for k in sorted(options) if k not in allowed]
+
+    metrics = _get(cfg, 'evaluation.metrics')
+    if metrics is not None:
+        for i, metric in enumerate([metrics] if isinstance(metrics, (str, dict)) else list(metrics)):
+            name = metric.get('type') if isinstance(metric, dict) else metric
+            if not isinstance(name, str):
+                problems.append(f'evaluation.metrics[{i}]={metric!r}: expected a metric name or {{"type": name}}')
+            elif _lookup('METRICS', name) is None:
+                problems.append(f'evaluation.metrics[{i}]={name!r}: not a metric ModelScope knows '
+                                f'({_known("METRICS", name)})')
+
+    for i, hook in enumerate(_get(cfg, 'train.hooks') or []):
+        name = hook.get('type') if isinstance(hook, dict) else None
+        if not isinstance(name, str):
+            problems.append(f'train.hooks[{i}]={hook!r}: expected {{"type": HookName, ...}}')
+            continue
+        cls = _lookup('HOOKS', name)
+        if cls is None:
+            problems.append(f'train.hooks[{i}].type={name!r}: not a hook ModelScope knows '
+                            f'({_known("HOOKS", name)})')
+        else:
+            problems += _unknown_kwargs(f'train.hooks[{i}]', [k for k in hook if k != 'type'], cls.__init__, name)
+    return problems
