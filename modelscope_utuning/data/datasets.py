@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch.utils.data import Dataset
 
@@ -76,8 +76,15 @@ class ImageRowsDataset(Dataset):
         on_error: 'raise' (an unreadable image raises :class:`UnreadableImageError`, a ValueError naming its
             path and index) or 'skip' (it is replaced by the next readable row, wrapping around; a warning is
             logged once). Unreadable images are found lazily, when the transform raises; without a transform,
-            'skip' decodes each image once to check it.
+            'skip' decodes each image once to check it. The trainer does not rely on the lazy replacement: it
+            finds the unreadable rows first (:meth:`readable`) and drops them, so that no image is counted twice.
         source: what the rows came from, for messages.
+        label_tokens: the labels as the source wrote them, when it wrote text (a CSV's ``"3"``): whether such a
+            token is a class index or a class *named* "3" can only be told against the model's class list, which
+            :func:`modelscope_utuning.training.labels.map_onto` does.
+
+    The dataset objects a caller passes in are never changed by the trainer: it works on copies
+    (:meth:`with_options`), which share the rows.
     """
 
     def __init__(self,
@@ -85,18 +92,29 @@ class ImageRowsDataset(Dataset):
                  classes: Optional[Sequence[str]] = None,
                  transform: Optional[Callable[[Dict[str, Any]], Any]] = None,
                  on_error: str = 'raise',
-                 source: Optional[str] = None):
-        if on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f'on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}')
+                 source: Optional[str] = None,
+                 label_tokens: Optional[Sequence[str]] = None):
         self.rows = rows
         self.classes = list(classes) if classes is not None else None
-        self.transform = transform
         self.on_error = on_error
+        self.transform = transform
         self.source = source or '<rows>'
         self._labels = self._check_rows()
         self._bad: Dict[int, str] = {}  # index -> reason, per process (each DataLoader worker finds its own)
         self._warned = False
         self.label_map: Optional[List[int]] = None  # this source's label -> the model's (see with_label_map)
+        self.label_tokens = list(label_tokens) if label_tokens is not None else None
+
+    @property
+    def on_error(self) -> str:
+        return self._on_error
+
+    @on_error.setter
+    def on_error(self, value: str) -> None:
+        # Checked on every assignment: any other value used to mean 'skip' silently.
+        if value not in ON_ERROR_CHOICES:
+            raise ValueError(f'on_error (train.on_bad_image) must be one of {ON_ERROR_CHOICES}, got {value!r}')
+        self._on_error = value
 
     def _check_rows(self) -> List[int]:
         labels = _row_labels(self.rows)
@@ -264,16 +282,72 @@ class ImageRowsDataset(Dataset):
         indices = [int(i) for i in indices]
         selector = getattr(self.rows, 'select', None)
         rows = selector(indices) if selector is not None else [self.rows[i] for i in indices]
+        tokens = [self.label_tokens[i] for i in indices] if self.label_tokens is not None else None
         if self.label_map is None:
-            return ImageRowsDataset(rows, self.classes, self.transform, self.on_error, self.source)
-        out = ImageRowsDataset(rows, None, self.transform, self.on_error, self.source)
+            return ImageRowsDataset(rows, self.classes, self.transform, self.on_error, self.source, tokens)
+        out = ImageRowsDataset(rows, None, self.transform, self.on_error, self.source, tokens)
         out.label_map, out.classes = list(self.label_map), self.classes
         return out
 
     def with_transform(self, transform: Optional[Callable[[Dict[str, Any]], Any]]) -> 'ImageRowsDataset':
         """The same rows with another transform (e.g. the eval preprocessor); the rows are shared, not copied."""
+        return self.with_options(transform=transform)
+
+    _KEEP = object()
+
+    def with_options(self, transform: Any = _KEEP, on_error: Any = _KEEP) -> 'ImageRowsDataset':
+        """A copy with another ``transform`` and / or ``on_error`` (this dataset is left as it is); the rows are
+        shared, not copied."""
         other = ImageRowsDataset.__new__(ImageRowsDataset)
         other.__dict__.update(self.__dict__)
-        other.transform = transform
+        if transform is not ImageRowsDataset._KEEP:
+            other.transform = transform
+        if on_error is not ImageRowsDataset._KEEP:
+            other.on_error = on_error
         other._bad = dict(self._bad)
+        other.label_tokens = list(self.label_tokens) if self.label_tokens is not None else None
         return other
+
+    # -- what the trainer checks before it counts anything ---------------------------------------------------
+    def readable(self, num_workers: int = 8) -> Tuple['ImageRowsDataset', List[str]]:
+        """(this dataset without its unreadable rows, the unreadable rows' paths in row order).
+
+        "Unreadable" means what the pipeline cannot read: every row is loaded with the pipeline's own image
+        reader (:func:`modelscope_utuning.preprocessing.image_io.load_image`), so the rows kept are exactly
+        the rows ``pipeline()`` can answer for, and a metric over them is the metric of ``pipeline()`` over them.
+        """
+        from ..preprocessing.image_io import load_image as pipeline_reader
+
+        def check(index: int) -> Optional[str]:
+            try:
+                row = self.rows[index]
+                pipeline_reader(row[PATH_KEY] if PATH_KEY in row else row[IMAGE_KEY])
+            except Exception as err:  # noqa: BLE001  (any failure to read means the pipeline cannot use it)
+                logger.debug(f'{self.source}: {self._unreadable(index, err)}')
+                return self.describe(index)
+            return None
+
+        indices = range(len(self))
+        if num_workers > 1 and len(self) > 1:
+            with ThreadPoolExecutor(max_workers=num_workers) as pool:
+                results = list(pool.map(check, indices))
+        else:
+            results = [check(i) for i in indices]
+        bad = [path for path in results if path is not None]
+        if not bad:
+            return self, []
+        if len(bad) == len(self):
+            raise ValueError(f'{self.source}: none of the {len(self)} images is readable, e.g. {bad[:3]}')
+        kept = self.select([i for i, path in zip(indices, results) if path is None])
+        return kept, bad
+
+    def image_paths(self) -> List[Optional[str]]:
+        """The file path of every row's image (None for images held in memory), read without decoding."""
+        paths = getattr(self.rows, 'paths', None)
+        if paths is not None:
+            return list(paths())
+        out: List[Optional[str]] = []
+        for row in self.rows:
+            image = row.get(PATH_KEY, row.get(IMAGE_KEY)) if isinstance(row, dict) else None
+            out.append(os.fspath(image) if isinstance(image, (str, os.PathLike)) else None)
+        return out

@@ -56,28 +56,53 @@ def _is_name(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and _as_int(value) is None
 
 
-def _labels(raw: Sequence[Tuple[str, Any]], classes: Optional[List[str]]) -> Tuple[List[int], Optional[List[str]]]:
-    """Map raw labels (ints, digit strings or class names) to ints and check them.
+def labels_by_classes(raw: Sequence[Tuple[str, Any]], classes: Sequence[str], source: str = '') -> List[int]:
+    """The one rule that turns a source's raw labels into indices of a known class list ``classes``.
 
-    With ``classes``: names are looked up, ints must lie in [0, len(classes)). Without: all-int labels must be
-    non-negative; all-name labels define the classes as their sorted set. Errors name the entry's location.
+    Decided per source, never per row, so that one file cannot mix two readings:
+    - every label is the text of a class name -> by name (``"3"`` is the class *named* "3" when there is one);
+      if the same labels also read as valid indices that mean other classes, a warning says which reading won;
+    - else every label must be an integer index in ``[0, len(classes))`` (a CSV of indices with a "0" that is
+      no class name reads as indices throughout); a name the list lacks is named.
+    Errors name the entry's location.
+    """
+    index = {str(name): i for i, name in enumerate(classes)}
+
+    def text(value: Any) -> Optional[str]:
+        return value.strip() if isinstance(value, str) else None
+
+    if raw and all(text(v) in index for _, v in raw):
+        labels = [index[text(v)] for _, v in raw]
+        as_indices = [_as_int(v) for _, v in raw]
+        if all(i is not None and 0 <= i < len(classes) for i in as_indices) and as_indices != labels:
+            logger.warning(f'{source or raw[0][0]}: labels such as {raw[0][1]!r} are both class names and class '
+                           f'indices; read as class names (as pipeline() reports them), e.g. {raw[0][1]!r} -> class '
+                           f'{labels[0]} {classes[labels[0]]!r}, not class {as_indices[0]}')
+        return labels
+    labels = []
+    for where, value in raw:
+        label = _as_int(value)
+        if label is None:
+            if _is_name(value):
+                raise ValueError(f'{where}: unknown class name {value!r} (known: {_preview(list(classes))})')
+            raise ValueError(f'{where}: label must be an int or a class name, got {value!r}')
+        if not 0 <= label < len(classes):
+            raise ValueError(f'{where}: label {label} is not in [0, {len(classes)}) ({len(classes)} classes)')
+        labels.append(label)
+    return labels
+
+
+def _labels(raw: Sequence[Tuple[str, Any]], classes: Optional[List[str]]
+            ) -> Tuple[List[int], Optional[List[str]], Optional[List[str]]]:
+    """Map raw labels (ints, digit strings or class names) to ints and check them -> (labels, classes, tokens).
+
+    With ``classes``: :func:`labels_by_classes`. Without: all-int labels must be non-negative; all-name labels
+    define the classes as their sorted set. ``tokens``: the labels as text when the source wrote them as text
+    (digit strings read as ints here may turn out to be class names once the model's classes are known),
+    else None. Errors name the entry's location.
     """
     if classes is not None:
-        index = {name: i for i, name in enumerate(classes)}
-        labels = []
-        for where, value in raw:
-            if isinstance(value, str) and value.strip() in index:
-                labels.append(index[value.strip()])
-                continue
-            label = _as_int(value)
-            if label is None:
-                if _is_name(value):
-                    raise ValueError(f'{where}: unknown class name {value!r} (known: {_preview(classes)})')
-                raise ValueError(f'{where}: label must be an int or a class name, got {value!r}')
-            if not 0 <= label < len(classes):
-                raise ValueError(f'{where}: label {label} is not in [0, {len(classes)}) ({len(classes)} classes)')
-            labels.append(label)
-        return labels, list(classes)
+        return labels_by_classes(raw, classes), list(classes), None
 
     first_name = next(((w, v) for w, v in raw if _is_name(v)), None)
     if first_name is not None:
@@ -87,7 +112,7 @@ def _labels(raw: Sequence[Tuple[str, Any]], classes: Optional[List[str]]) -> Tup
                                  f'name {first_name[1]!r}; use one kind of label, or pass classes=')
         names = sorted({v.strip() for _, v in raw})
         index = {name: i for i, name in enumerate(names)}
-        return [index[v.strip()] for _, v in raw], names
+        return [index[v.strip()] for _, v in raw], names, None
 
     labels = []
     for where, value in raw:
@@ -97,7 +122,8 @@ def _labels(raw: Sequence[Tuple[str, Any]], classes: Optional[List[str]]) -> Tup
         if label < 0:
             raise ValueError(f'{where}: label {label} is negative')
         labels.append(label)
-    return labels, None
+    tokens = [v.strip() for _, v in raw] if all(isinstance(v, str) for _, v in raw) else None
+    return labels, None, tokens
 
 
 def _preview(names: Sequence[str], n: int = 8) -> str:
@@ -157,14 +183,15 @@ def _build(entries: List[Entry], base: Optional[str], source: str, classes: Opti
            transform: Transform, on_error: str) -> ImageRowsDataset:
     if not entries:
         raise ValueError(f'{source}: no rows')
-    labels, classes = _labels([(where, label) for where, _, label in entries], classes)
+    labels, classes, tokens = _labels([(where, label) for where, _, label in entries], classes)
     rows = []
     for (where, image, _), label in zip(entries, labels):
         if _is_in_memory(image):
             rows.append({IMAGE_KEY: image, LABEL_KEY: label})
         else:
             rows.append({PATH_KEY: _resolve(image, base, where), LABEL_KEY: label})
-    return ImageRowsDataset(rows, classes, transform=transform, on_error=on_error, source=source)
+    return ImageRowsDataset(rows, classes, transform=transform, on_error=on_error, source=source,
+                            label_tokens=tokens)
 
 
 def _is_in_memory(image: Any) -> bool:
@@ -440,6 +467,13 @@ class _HFImageRows:
             stored = {}
         return stored.get('path') or f'{self._source}[{index}]'
 
+    def paths(self) -> List[Optional[str]]:
+        """The stored file name of every row's image (None where the image is stored as bytes only)."""
+        from datasets import Image
+        if self._raw is None:
+            self._raw = self._ds.cast_column(self._column, Image(decode=False))
+        return [(stored or {}).get('path') for stored in self._raw[self._column]]
+
     def select(self, indices: List[int]) -> '_HFImageRows':
         rows = _HFImageRows.__new__(_HFImageRows)
         rows.__dict__.update(self.__dict__)
@@ -527,9 +561,10 @@ def from_hf_dataset(ds: Any, image_column: Optional[str] = None, label_column: O
     if isinstance(ds.features[image_column], datasets.Image):
         if not raw:
             raise ValueError(f'{source}: no rows')
-        labels, found = _labels(list(zip(wheres, raw)), explicit or names)
+        labels, found, tokens = _labels(list(zip(wheres, raw)), explicit or names)
         rows = _HFImageRows(ds, image_column, labels, source)
-        return ImageRowsDataset(rows, found, transform=transform, on_error=on_error, source=source)
+        return ImageRowsDataset(rows, found, transform=transform, on_error=on_error, source=source,
+                                label_tokens=tokens)
     entries = list(zip(wheres, list(ds[image_column]), raw))
     return _build(entries, _base(root, '') if root is not None else None, source, explicit or names, transform,
                   on_error)

@@ -45,3 +45,21 @@ class DataParallelHook(Hook):
             device_ids = [trainer.device.index] if trainer.device.type == 'cuda' else None
             trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model, device_ids=device_ids)
             self.wrapped = True
+
+
+class EvalShardSampler(torch.utils.data.Sampler):
+    """Rows ``[rank * n / world, (rank + 1) * n / world)`` of ``n`` evaluation rows, in order, unpadded.
+
+    The shards of all ranks partition the rows (some may be one shorter, or empty), so gathered per-rank metric
+    counts are over each row exactly once. Evaluation runs without gradient synchronisation, so ranks may run a
+    different number of batches."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.start = n * rank // world_size
+        self.stop = n * (rank + 1) // world_size
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start

@@ -52,6 +52,21 @@ def map_onto(ds: ImageRowsDataset, classes: Optional[Sequence[str]], num_classes
         if mapping == list(range(len(ds.classes))) and list(ds.classes) == list(classes):
             return ds
         return ds.with_label_map(mapping, classes)
+    if classes is not None and ds.classes is None and ds.label_tokens is not None:
+        # Text labels read as indices by the source's reader ("3") may be class *names*: decided here, against
+        # the model's classes, by the same rule every reader uses when it is given the classes.
+        from ..data.readers import labels_by_classes
+        where = [(f'{ds.source}: row {i} ({ds.describe(i)})', token) for i, token in enumerate(ds.label_tokens)]
+        labels = labels_by_classes(where, classes, ds.source)
+        if labels != list(ds.labels):
+            mapping: dict = {}
+            for raw, label, (place, token) in zip(ds.labels, labels, where):
+                if mapping.setdefault(raw, label) != label:
+                    raise ValueError(f'{place}: label {token!r} reads as index {raw} like another row\'s label '
+                                     f'that names a different class; write every label of {ds.source} one way')
+            label_map = [mapping.get(i, 0) for i in range(max(mapping) + 1)]
+            return ds.with_label_map(label_map, classes)
+        return ds.with_label_map(list(range(max(labels, default=-1) + 1)), classes)
     bound = num_classes if classes is None else min(num_classes, len(classes))
     for i, label in enumerate(ds.labels):
         if not 0 <= label < bound:
@@ -60,6 +75,39 @@ def map_onto(ds: ImageRowsDataset, classes: Optional[Sequence[str]], num_classes
     if classes is not None and ds.classes is None:
         return ds.with_label_map(list(range(max(ds.labels, default=-1) + 1)), classes)
     return ds
+
+
+def check_conflicting_labels(ds: ImageRowsDataset, role: str) -> None:
+    """ValueError naming every image file listed twice in ``ds`` with two different labels; a warning for files
+    listed twice with the same label (counted twice by any metric).
+
+    An error, not a warning: the model predicts one class per image, so such an image is wrong under one of its
+    labels whatever the model does - an evaluation reports less than the model's accuracy, and training pulls
+    the model two ways on it. It is almost always a manifest mistake, cheap to fix once named."""
+    import logging
+    import os
+    seen: dict = {}
+    conflicts, repeats = [], []
+    labels = ds.labels
+    for i, path in enumerate(ds.image_paths()):
+        if path is None or '://' in path:
+            continue
+        key = os.path.realpath(path)
+        first = seen.setdefault(key, i)
+        if first != i:
+            (conflicts if labels[first] != labels[i] else repeats).append((first, i, path))
+    if conflicts:
+        def name(label: int) -> str:
+            return repr(ds.classes[label]) if ds.classes is not None and label < len(ds.classes) else str(label)
+        shown = '; '.join(f'{path!r} is row {a} with label {name(labels[a])} and row {b} with label '
+                          f'{name(labels[b])}' for a, b, path in conflicts[:5])
+        more = f' (and {len(conflicts) - 5} more)' if len(conflicts) > 5 else ''
+        raise ValueError(f'{ds.source}: {role} data lists {len(conflicts)} image(s) twice with different labels: '
+                         f'{shown}{more}; keep one label per image')
+    if repeats:
+        logging.getLogger('modelscope.utuning.data').warning(
+            f'{ds.source}: {len(repeats)} {role} image(s) listed more than once with the same label, counted once '
+            f'per listing, e.g. {repeats[0][2]!r} (rows {repeats[0][0]} and {repeats[0][1]})')
 
 
 def _preview(names: Sequence[str], n: int = 8) -> str:

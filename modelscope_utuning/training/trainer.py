@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,7 @@ from modelscope.utils.constant import ModeKeys, ModelFile, TrainerStages
 from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
+from ..data.datasets import ON_ERROR_CHOICES
 from ..compat import from_pretrained_trust_kwargs, own_default_hooks, trainer_trust_remote_code, warmup_options
 from ..extras import require
 from ..model import VisionEfficientTuningModel
@@ -35,9 +36,9 @@ from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR, apply_defaults
 from . import checkpointing
 from .checkpointing import trainer_state_globals
-from .distributed import DataParallelHook
+from .distributed import DataParallelHook, EvalShardSampler
 from .export import clean_stale_outputs, export_output, output_configuration, write_card
-from .labels import map_onto, reference_classes
+from .labels import check_conflicting_labels, map_onto, reference_classes
 from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
@@ -86,7 +87,10 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         if kwargs.get('efficient_tuners') is not None:  # before anything is built: say what to install
             from .swift_tuners import require_swift
             require_swift()
+        if on_bad_image is not None and on_bad_image not in ON_ERROR_CHOICES:
+            raise ValueError(f'on_bad_image={on_bad_image!r}: expected one of {ON_ERROR_CHOICES}')
         self._amp_arg, self._on_bad_image_arg = amp, on_bad_image
+        self.skipped_images: Dict[str, List[str]] = {}  # role -> unreadable images left out of that dataset
         self._has_eval_data = kwargs.get('eval_dataset') is not None
         self.label_classes = None  # the class list every dataset is mapped onto (training/labels.py)
         self._label_space_set = False
@@ -179,9 +183,20 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         if datasets is None:
             return super().build_dataset(datasets, model_cfg, mode, preprocessor=preprocessor, **kwargs)
         from ..data import load_dataset_any
-        ds = load_dataset_any(datasets)
-        ds.transform = preprocessor
-        ds.on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
+        role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
+        on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
+        # A copy with our transform and policy: the caller's dataset object is never changed (one object given as
+        # both training and evaluation data must not train with the evaluation transform).
+        ds = load_dataset_any(datasets).with_options(transform=preprocessor, on_error=on_error)
+        if on_error == 'skip':
+            # Unreadable rows are found now and left out of the dataset, so that a metric counts neither them nor
+            # a stand-in for them: its numerator and denominator are those of pipeline() on the readable rows.
+            ds, bad = ds.readable()
+            self.skipped_images[role] = bad
+            if bad:
+                logger.warning(f'{ds.source}: {len(bad)} unreadable {role} image(s) left out '
+                               f'(train.on_bad_image=skip): {bad[:10]}' + (' ...' if len(bad) > 10 else ''))
+            ds = ds.with_options(on_error='raise')  # every row left is readable; a surprise later is an error
         model = self.model_unwrapped
         if not self._label_space_set:  # the training data when there is one (it is built first), else the model
             self.label_classes = reference_classes(model, ds if mode == ModeKeys.TRAIN else None)
@@ -189,8 +204,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             if self.label_classes is not None and not model.head_loaded:
                 n = model.head.num_classes
                 model.CLASSES = list(self.label_classes) + [f'class_{i}' for i in range(len(self.label_classes), n)]
-        role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
-        return map_onto(ds, self.label_classes, model.head.num_classes, role)
+        ds = map_onto(ds, self.label_classes, model.head.num_classes, role)
+        check_conflicting_labels(ds, role)  # in the model's classes, so the message names them
+        return ds
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def build_optimizer(self, cfg: ConfigDict, default_args: dict = None):
@@ -231,8 +247,26 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         self.train_outputs = outputs
 
     def evaluation_step(self, data):
-        with autocast(self.precision, self._device_type):
-            return super().evaluation_step(data)
+        """The unwrapped model's forward: evaluation needs no data-parallel wrapper, and the wrapper's buffer
+        broadcast on the first forward after training would wait forever on a rank whose shard is empty."""
+        model = self.model_unwrapped
+        model.eval()
+        with autocast(self.precision, self._device_type), torch.no_grad():
+            return model(data)
+
+    def get_eval_data_loader(self):
+        """Under data parallelism, each rank scores a contiguous, unpadded shard of the evaluation rows
+        (:class:`.distributed.EvalShardSampler`): every row is counted exactly once. ModelScope's default, a
+        ``DistributedSampler``, pads the set with repeats to a multiple of the world size (9 images on 2 ranks
+        were scored as 10)."""
+        if not self._dist or self._samplers is not None:
+            return super().get_eval_data_loader()
+        options = {'shuffle': False, **dict(self.cfg.evaluation.get('dataloader', {}))}
+        options['shuffle'] = False
+        sampler = EvalShardSampler(len(self.eval_dataset), dist.get_rank(), dist.get_world_size())
+        return self._build_dataloader_with_dataset(self.eval_dataset, dist=self._dist, seed=self._seed,
+                                                   collate_fn=getattr(self, 'eval_data_collator', None),
+                                                   sampler=sampler, **options)
 
     def evaluation_loop(self, data_loader, metric_classes):
         """Data-parallel evaluation that works on CPU too: each rank scores its shard, the metric objects are
@@ -305,7 +339,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         for role, ds in (('train', self.train_dataset), ('eval', self.eval_dataset)):
             if ds is not None:
                 source = getattr(ds, 'source', None) or type(ds).__name__
-                out[role] = f'{os.path.basename(str(source).rstrip("/")) or source} ({len(ds)} images)'
+                skipped = len(self.skipped_images.get('training' if role == 'train' else 'evaluation', []))
+                note = f', {skipped} unreadable left out' if skipped else ''
+                out[role] = f'{os.path.basename(str(source).rstrip("/")) or source} ({len(ds)} images{note})'
         return out
 
     def _train_iters_per_epoch_or_none(self) -> Optional[int]:
