@@ -259,7 +259,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         (:class:`.distributed.EvalShardSampler`): every row is counted exactly once. ModelScope's default, a
         ``DistributedSampler``, pads the set with repeats to a multiple of the world size (9 images on 2 ranks
         were scored as 10)."""
-        if not self._dist or self._samplers is not None:
+        if not getattr(self, '_dist', False) or getattr(self, '_samplers', None) is not None:
             return super().get_eval_data_loader()
         options = {'shuffle': False, **dict(self.cfg.evaluation.get('dataloader', {}))}
         options['shuffle'] = False

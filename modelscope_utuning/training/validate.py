@@ -103,6 +103,7 @@ def validate_config(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',)) 
         if problem:
             problems.append(f'{key}={value!r}: {problem}')
     problems += check_registered(cfg, own_optimizer_keys)
+    problems += check_sections(cfg)
     if problems:
         raise ValueError('configuration: ' + '; '.join(problems))
 
@@ -253,4 +254,116 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
                             f'({_known("HOOKS", name)})')
         else:
             problems += _unknown_kwargs(f'train.hooks[{i}]', [k for k in hook if k != 'type'], cls.__init__, name)
+    return problems
+
+
+
+# -- keys of sections whose readers ignore what they do not know -------------------------------------------------
+# ModelScope hands these sections to constructors that take **kwargs (hooks) or reads only the keys it knows
+# (train, model), so a misspelt key there is silently ignored: ``train.max_epoch: 3`` trains for the default
+# number of epochs. A key that is no known key but close to one is refused with the key it resembles; other
+# unknown keys are only logged (other ModelScope releases and hub configurations carry keys of their own).
+TRAIN_KEYS = ('work_dir', 'max_epochs', 'max_iters', 'train_iters_per_epoch', 'dataloader', 'optimizer',
+              'lr_scheduler', 'hooks', 'checkpoint', 'logging', 'optimizer_hook', 'lr_scheduler_hook',
+              'amp', 'warmup', 'on_bad_image', 'cpu_allocator')
+EVALUATION_KEYS = ('dataloader', 'metrics', 'period', 'val_iters_per_epoch')
+MODEL_EXTRA_KEYS = ('type', 'model_dir', 'device')
+
+
+def _dataloader_keys() -> set:
+    from torch.utils.data import DataLoader
+    from modelscope.trainers.trainer import EpochBasedTrainer
+    return (_parameters(EpochBasedTrainer._build_dataloader_with_dataset)[0] | _parameters(DataLoader.__init__)[0]) \
+        - {'dataset', 'sampler', 'batch_sampler', 'collate_fn', 'batch_size', 'num_workers'}
+
+
+def _model_keys() -> set:
+    from ..model import VisionEfficientTuningModel
+    return _parameters(VisionEfficientTuningModel.__init__)[0] | set(MODEL_EXTRA_KEYS)
+
+
+def _typos(key: str, given: Iterable[str], known: Iterable[str]) -> List[str]:
+    import difflib
+    import logging
+    known = sorted(set(known))
+    problems = []
+    for name in given:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(str(name), known, n=2, cutoff=0.75)
+        if close:
+            problems.append(f'{key}.{name}: unknown key, did you mean {" or ".join(repr(c) for c in close)}? '
+                            '(an unknown key is ignored)')
+        else:
+            logging.getLogger('modelscope.utuning').warning(f'configuration: {key}.{name} is not a key this '
+                                                            'package or ModelScope reads; it is ignored')
+    return problems
+
+
+def _hook_section(key: str, hook: str) -> Callable[[], Tuple[set, bool]]:
+    def signature():
+        from modelscope.trainers import hooks
+        return _parameters(getattr(hooks, hook).__init__)
+    return signature
+
+
+# (section, hook whose constructor receives it): ModelScope turns these sections into hooks (default_config.py)
+HOOK_SECTIONS = (('train.checkpoint.period', 'CheckpointHook'), ('train.checkpoint.best', 'BestCkptSaverHook'),
+                 ('train.logging', 'TextLoggerHook'), ('evaluation.period', 'EvaluationHook'))
+
+
+def check_sections(cfg: Any) -> List[str]:
+    """Misspelt keys of sections whose readers ignore unknown keys, and the values that such sections and
+    ``grad_clip`` / ``warmup`` hand on to code that only runs once training has started."""
+    problems: List[str] = []
+    for key, known in (('train', TRAIN_KEYS), ('evaluation', EVALUATION_KEYS), ('model', None),
+                       ('train.dataloader', None), ('evaluation.dataloader', None), ('model.loss', None)):
+        section = _get(cfg, key)
+        if not isinstance(section, dict):
+            continue
+        if key == 'model':
+            known = _model_keys()
+        elif key.endswith('dataloader'):  # handed to torch's DataLoader: an unknown key is a TypeError there
+            import difflib
+            known = _dataloader_keys() | {'batch_size_per_gpu', 'workers_per_gpu'}
+            for k in section:
+                if k not in known:
+                    close = difflib.get_close_matches(str(k), sorted(known), n=2, cutoff=0.6)
+                    hint = f'did you mean {" or ".join(repr(c) for c in close)}?' if close else \
+                        f'expected one of {", ".join(sorted(known))}'
+                    problems.append(f'{key}.{k}: not a data loader option; {hint}')
+            continue
+        elif key == 'model.loss':  # ours alone: every unknown key is a mistake
+            problems += [f'model.loss.{k}: unknown key; expected label_smoothing' for k in section
+                         if k != 'label_smoothing']
+            continue
+        problems += _typos(key, list(section), known)
+    for key, hook in HOOK_SECTIONS:
+        section = _get(cfg, key)
+        if not isinstance(section, dict):
+            continue
+        from modelscope.trainers import hooks
+        named = _parameters(getattr(hooks, hook).__init__)[0]
+        problems += _typos(key, list(section), named | {'type'})
+        interval = section.get('interval')
+        if interval is not None and _int(1)(interval):
+            problems.append(f'{key}.interval={interval!r}: expected an integer >= 1')
+    grad_clip = _get(cfg, 'train.optimizer.options.grad_clip')
+    if grad_clip is not None:
+        from torch.nn.utils import clip_grad_norm_
+        if not isinstance(grad_clip, dict):
+            problems.append(f'train.optimizer.options.grad_clip={grad_clip!r}: expected a mapping of '
+                            'clip_grad_norm_ options, e.g. {"max_norm": 1.0}')
+        else:
+            problems += _unknown_kwargs('train.optimizer.options.grad_clip', list(grad_clip), clip_grad_norm_,
+                                        'clip_grad_norm_', exclude=('parameters',))
+            if 'max_norm' not in grad_clip:
+                problems.append('train.optimizer.options.grad_clip: needs max_norm')
+    warmup = _get(cfg, 'train.lr_scheduler.options.warmup')
+    if isinstance(warmup, dict) and isinstance(warmup.get('type'), str):
+        import modelscope.trainers.lrscheduler.warmup.warmup  # noqa: F401  (registers the built-in warm-ups)
+        name = warmup['type']
+        if _lookup('LR_SCHEDULER', name) is None:
+            problems.append(f'train.lr_scheduler.options.warmup.type={name!r}: not a warm-up ModelScope knows '
+                            f'({_known("LR_SCHEDULER", name)})')
     return problems
