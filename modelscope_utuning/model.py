@@ -50,6 +50,8 @@ class VisionEfficientTuningModel(TorchModel):
         CLASSES: class names (the checkpoint's win when present, unless a fine-tune replaced the head).
     """
 
+    network_class = VisionEfficientTuning  # the plain-torch network this ModelScope shell holds
+
     def __init__(self, model_dir: Optional[str] = None, backbone: Optional[Dict] = None,
                  head: Optional[Dict] = None, loss: Optional[Dict] = None, pretrained: bool = True,
                  finetune: bool = False, pretrained_cfg: Optional[Dict] = None, freeze_cfg: Optional[Dict] = None,
@@ -66,7 +68,7 @@ class VisionEfficientTuningModel(TorchModel):
             _fill_from_checkpoint(backbone_cfg, head_cfg, ckpt)
         elif 'num_classes' not in backbone_cfg:
             backbone_cfg['num_classes'] = 0
-        self.model = VisionEfficientTuning(backbone_cfg, head_cfg, classes=CLASSES,
+        self.model = self.network_class(backbone_cfg, head_cfg, classes=CLASSES,
                                            label_smoothing=float((loss or {}).get('label_smoothing', 0.0)),
                                            base_dir=model_dir)
         self.finetune = finetune
@@ -211,7 +213,7 @@ class VisionEfficientTuningModel(TorchModel):
                     freeze_cfg: Optional[Dict] = None) -> 'VisionEfficientTuningModel':
         """A model from a tuner-only export and the base backbone weights (see
         :meth:`VisionEfficientTuning.from_tuners`)."""
-        return cls.from_network(VisionEfficientTuning.from_tuners(folder, pretrained_weights), freeze_cfg=freeze_cfg)
+        return cls.from_network(cls.network_class.from_tuners(folder, pretrained_weights), freeze_cfg=freeze_cfg)
 
 
 def _version_defaults(backbone_cfg: Dict[str, Any], model_dir: Optional[str]) -> Dict[str, Any]:
@@ -289,8 +291,7 @@ def load_model(path: str) -> VisionEfficientTuningModel:
         if not os.path.isfile(cfg_path):
             raise ValueError(f'model folder {path!r} has no configuration.json')
         cfg = dict(read_json_object(cfg_path).get('model') or {})
-        cfg.pop('type', None)
-        return VisionEfficientTuningModel(model_dir=path, **cfg)
+        return _model_class(cfg.pop('type', None))(model_dir=path, **cfg)
     if not os.path.isfile(path):
         raise ValueError(f'{path!r}: no such model folder or checkpoint file')
     try:
@@ -301,15 +302,24 @@ def load_model(path: str) -> VisionEfficientTuningModel:
         raise ValueError(f'{path!r} is not a checkpoint file of a modelscope-utuning trainer (expected state_dict, '
                          'CLASSES and model_cfg); load the folder with its configuration.json instead')
     cfg = dict(ckpt['model_cfg'])
-    cfg.pop('type', None)
+    cls = _model_class(cfg.pop('type', None))
     cfg['finetune'] = False
-    model = VisionEfficientTuningModel(model_dir=None, pretrained=False, **cfg)
+    model = cls(model_dir=None, pretrained=False, **cfg)
     hub = split_model_state(ckpt['state_dict'], ckpt.get('CLASSES'))
     result = model.model.load_hub_state(hub, f'checkpoint {path!r}')
     model.head_loaded = result['head_loaded']
     if ckpt.get('CLASSES') is not None:
         model.CLASSES = list(ckpt['CLASSES'])
     return model
+
+
+def _model_class(model_type: Optional[str]) -> type:
+    """Our model class for a configuration's ``model.type`` (the classifier unless it names segmentation)."""
+    from .registration import SEG_TYPE
+    if model_type == SEG_TYPE:
+        from .segmentation.model import VisionEfficientTuningSegmentationModel
+        return VisionEfficientTuningSegmentationModel
+    return VisionEfficientTuningModel
 
 
 def merge_lora(model):

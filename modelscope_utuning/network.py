@@ -60,7 +60,7 @@ class VisionEfficientTuning(nn.Module):
             if spec.kind.level == 'network':
                 self.add_module(slot_name(spec.kind, None), build_tuner(spec, 1, dims))
         self._set_bypass(bool(extras.get('bypass')))
-        self.head = ClassifierHead(**self._head_args(head_cfg))
+        self.head = self.build_head(head_cfg)
         self.CLASSES = list(classes) if classes is not None else None
         self.label_smoothing = float(label_smoothing)
         weights = extras.get('pretrained_weights')
@@ -70,6 +70,15 @@ class VisionEfficientTuning(nn.Module):
                 weights = os.path.join(base_dir, weights)  # relative to the model folder, as shipped
             load_pretrained_backbone(self.backbone, weights)
         self.set_default_trainable()
+
+    def build_head(self, head_cfg: Dict[str, Any]) -> nn.Module:
+        """The task head from ``model.head`` (a dense-prediction network overrides this; see
+        :mod:`.segmentation.network`)."""
+        return ClassifierHead(**self._head_args(head_cfg))
+
+    def head_config(self) -> Dict[str, Any]:
+        """``model.head`` as the saved files record it (enough to build the same head again)."""
+        return {'num_classes': self.head.num_classes, 'dim': self.head.dim}
 
     def _head_args(self, head_cfg: Dict[str, Any]) -> Dict[str, Any]:
         head = dict(head_cfg or {})
@@ -308,7 +317,7 @@ class VisionEfficientTuning(nn.Module):
         return {'tuners': [spec.to_config() for spec in self.specs], 'base': base,
                 'backbone_fingerprint': self.backbone_fingerprint(),
                 'fingerprint_excludes': self.trained_backbone_names(),
-                'head': {'num_classes': self.head.num_classes, 'dim': self.head.dim},
+                'head': self.head_config(),
                 'CLASSES': list(self.CLASSES) if self.CLASSES is not None else None}
 
     def save_tuners(self, folder: str, base_path: bool = False) -> Dict[str, str]:

@@ -29,6 +29,12 @@ TOPK_METRIC = 'vision-efficient-tuning-top5'
 # without the plugin, ModelScope's registry error then names the package to install.
 PLUGIN_TYPE = 'vision-efficient-tuning@modelscope-utuning'
 
+# Semantic segmentation: one name for model type, pipeline, trainer (issue 21); the task is ModelScope's own.
+SEG_TASK = Tasks.semantic_segmentation
+SEG_TYPE = 'vision-efficient-tuning-segmentation'
+SEG_PREPROCESSOR_NAME = 'vision-efficient-tuning-segmentation-preprocessor'
+SEG_METRIC = 'vision-efficient-tuning-miou'
+
 _REGISTRIES = {  # registry name -> (module, attribute)
     'models': ('modelscope.models.builder', 'MODELS'),
     'pipelines': ('modelscope.pipelines.builder', 'PIPELINES'),
@@ -48,6 +54,15 @@ ENTRIES = (
     ('trainers', 'default', Trainers.vision_efficient_tuning, 'modelscope_utuning.training.trainer',
      'VisionEfficientTuningTrainer'),
     ('metrics', 'default', TOPK_METRIC, 'modelscope_utuning.training.metrics', 'TopKAccuracy'),
+    # semantic segmentation on the same frozen backbone and tuners (modelscope_utuning/segmentation)
+    ('models', SEG_TASK, SEG_TYPE, 'modelscope_utuning.segmentation.model',
+     'VisionEfficientTuningSegmentationModel'),
+    ('pipelines', SEG_TASK, SEG_TYPE, 'modelscope_utuning.segmentation.pipeline', 'SegmentationPipeline'),
+    ('pipelines', SEG_TYPE, SEG_TYPE, 'modelscope_utuning.segmentation.pipeline', 'SegmentationPipeline'),
+    ('preprocessors', Fields.cv, SEG_PREPROCESSOR_NAME, 'modelscope_utuning.segmentation.preprocessor',
+     'SegmentationPreprocessor'),
+    ('trainers', 'default', SEG_TYPE, 'modelscope_utuning.segmentation.trainer', 'SegmentationTrainer'),
+    ('metrics', 'default', SEG_METRIC, 'modelscope_utuning.segmentation.metrics', 'SegmentationMetric'),
 )
 
 

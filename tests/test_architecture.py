@@ -9,7 +9,8 @@ function):
 3. ``checkpoint``: file formats (hub layout, tuner-only files, converters, merge, the load report).
 4. ``head``, ``backbone_config``, ``network``: the plain-torch classifier.
 5. the ModelScope glue: ``compat``, ``registration``, ``model``, ``pipeline``, ``preprocessing``, ``data``,
-   ``training``, ``deploy`` (ONNX export, the web demo).
+   ``training``, ``deploy`` (ONNX export, the web demo), ``segmentation`` (the dense task on the same network,
+   with its model, pipeline, trainer and metric).
 6. the entry points: ``cli``, ``demo``, the package itself.
 """
 import ast
@@ -22,7 +23,7 @@ from modelscope_utuning.tuners import tuner_kinds
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'modelscope_utuning')
 LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
           ('compat', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
-           'deploy'),
+           'deploy', 'segmentation'),
           ('cli', 'demo', '__main__', '__init__')]
 
 

@@ -13,7 +13,7 @@ none) that joins the last residual stream: ``x_L + b_L``. Back-propagation never
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -22,11 +22,17 @@ from .hooks import OPS, TokenState
 BYPASS_POINT = 'bypass'  # the hook point of vertical tuners: ``carry(b_prev) -> b``, in bypass mode only
 
 
-def forward_tokens(vit, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
-    """Embedded tokens ``(B, N, C)`` -> tokens after the final norm (``(B, 1, C)`` with ``class_token_only``)."""
+def forward_tokens(vit, x: torch.Tensor, class_token_only: bool = False,
+                   layers: Optional[Sequence[int]] = None):
+    """Embedded tokens ``(B, N, C)`` -> tokens after the final norm (``(B, 1, C)`` with ``class_token_only``).
+
+    ``layers``: block indices whose outputs are also wanted (dense heads read several depths); then the result is
+    ``(final tokens, [tokens after block l, final norm applied, for l in layers])``, from the same single pass."""
     if vit.bypass:
-        return forward_bypass(vit, x, class_token_only)
+        return forward_bypass(vit, x, class_token_only, layers)
     state = TokenState()
+    wanted = set(layers or ())
+    collected = {}
     blocks = vit.blocks
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
@@ -40,22 +46,32 @@ def forward_tokens(vit, x: torch.Tensor, class_token_only: bool = False) -> torc
                 n_out = x.shape[1] - drop
                 state.appended -= drop  # those rows are gone already
         x = blk(x, n_out)
-    return vit.norm(x)
+        if i in wanted and i != last:
+            collected[i] = vit.norm(x)
+    out = vit.norm(x)
+    if layers is None:
+        return out
+    collected[last] = out
+    return out, [collected[i] for i in layers]
 
 
-def forward_bypass(vit, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+def forward_bypass(vit, x: torch.Tensor, class_token_only: bool = False, layers: Optional[Sequence[int]] = None):
     """Bypass mode (see the module docstring). Each block's tuners run right after its frozen step, so only their
     small inputs outlive it. Under class-token pooling the side stream only reaches the class row, so the tuners
-    see just that row."""
-    return forward_bypass_many(vit, x, [vit], class_token_only)[0]
+    see just that row. ``layers``: as in :func:`forward_tokens`."""
+    return forward_bypass_many(vit, x, [vit], class_token_only, layers)[0]
 
 
-def forward_bypass_many(vit, x: torch.Tensor, tuned: List, class_token_only: bool = False) -> List[torch.Tensor]:
+def forward_bypass_many(vit, x: torch.Tensor, tuned: List, class_token_only: bool = False,
+                        layers: Optional[Sequence[int]] = None) -> List:
     """Bypass mode for several sets of tuners over one frozen backbone: ``vit``'s frozen blocks run once, and
     each backbone of ``tuned`` (the same frozen weights, its own tuners; ``vit`` itself may be one of them) adds
-    its own side stream. Returns each one's tokens after its final norm."""
+    its own side stream. Returns each one's tokens after its final norm (with ``layers``: each one's
+    ``(final, [tokens after block l: x_l + b_l, normed])``)."""
     n_side = 1 if class_token_only else None
     sides: List[Optional[torch.Tensor]] = [None] * len(tuned)
+    wanted = set(layers or ())
+    collected: List[dict] = [{} for _ in tuned]
     last = len(vit.blocks) - 1
     for i, blk in enumerate(vit.blocks):
         with torch.no_grad():
@@ -73,8 +89,17 @@ def forward_bypass_many(vit, x: torch.Tensor, tuned: List, class_token_only: boo
                     d = tuner.delta(contexts[op])
                     side = d if side is None else side + d
             sides[t] = side
+            if i in wanted and i != last:
+                collected[t][i] = other.norm(x if side is None else x + side)
     x = x if n_side is None else x[:, :n_side]
-    return [other.norm(x if side is None else x + side) for other, side in zip(tuned, sides)]
+    finals = [other.norm(x if side is None else x + side) for other, side in zip(tuned, sides)]
+    if layers is None:
+        return finals
+    out = []
+    for final, found in zip(finals, collected):
+        found[last] = final
+        out.append((final, [found[i] for i in layers]))
+    return out
 
 
 def _rows(ctx, n: int):

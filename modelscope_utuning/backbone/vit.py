@@ -465,6 +465,20 @@ class VisionTransformer(nn.Module):
         return forward_tokens(self, self.embed(images), class_token_only=pooled_rows_only
                               and self.global_pool == 'token')
 
+    def forward_intermediates(self, images: torch.Tensor, layers: Sequence[int]):
+        """``(B, 3, H, W)`` -> (final tokens ``(B, N, C)``, [tokens after block ``l``, final norm applied, for l in
+        ``layers``]) in one pass (timm's name; dense heads read several depths)."""
+        from .runner import forward_tokens
+        return forward_tokens(self, self.embed(images), layers=list(layers))
+
+    def patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, C)`` -> the patch tokens as a map ``(B, C, H/p, W/p)`` (prefix tokens before the patches
+        and appended prompt tokens after them left out)."""
+        h, w = self.patch_embed.grid_size
+        start = self.num_prefix_tokens
+        patches = tokens[:, start:start + h * w]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool tokens ``(B, N, C)`` to ``(B, C)``, then fc_norm (and the legacy head unless ``pre_logits``)."""
         if self.global_pool == 'avg':

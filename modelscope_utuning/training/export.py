@@ -56,8 +56,11 @@ def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] =
     from .. import __version__
     cfg['utuning'] = {'package': PLUGIN_PACKAGE, 'import': 'modelscope_utuning', 'version': __version__,
                       'requires': f'pip install {PLUGIN_PACKAGE}; import modelscope_utuning before loading'}
+    from ..registration import SEG_TASK, SEG_TYPE, model_type_for
+    if cfg.get('task') == SEG_TASK or model.get('type') == SEG_TYPE:  # a segmentation model stays one
+        cfg['task'], model['type'], cfg['pipeline'] = SEG_TASK, SEG_TYPE, {'type': SEG_TYPE}
+        return scrub_machine_paths(cfg)
     cfg['task'] = 'vision-efficient-tuning'
-    from ..registration import model_type_for
     kind = model_type_for(model.get('backbone') or {})
     model['type'] = kind
     cfg['pipeline'] = {'type': kind}
