@@ -54,6 +54,14 @@ def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
     module._parameters[leaf] = param
 
 
+def model_class_of(folder: str) -> type:
+    """Our model class for a folder (the classifier, or the segmentation model its configuration names)."""
+    from .model import _model_class
+    path = os.path.join(folder, CONFIG)
+    kind = (read_json_object(path).get('model') or {}).get('type') if os.path.isfile(path) else None
+    return _model_class(kind)
+
+
 def _model_section(folder: str) -> Dict[str, Any]:
     cfg = dict(read_json_object(os.path.join(folder, CONFIG)).get('model') or {})
     cfg.pop('type', None)
@@ -84,8 +92,8 @@ class SharedBackbone:
         if 'tuners' not in backbone_cfg and tcfg.get('tuners') is not None:
             backbone_cfg['tuners'] = list(tcfg['tuners'])
         with torch.device('meta'):
-            net = VisionEfficientTuning(backbone_cfg, dict(cfg.get('head') or tcfg['head']),
-                                        classes=tcfg.get('CLASSES'))
+            net = model_class_of(folder).network_class(backbone_cfg, dict(cfg.get('head') or tcfg['head']),
+                                                       classes=tcfg.get('CLASSES'))
         from .network import _base_differences
         if _base_differences(self.base, net.base_config()):
             return None
@@ -99,6 +107,11 @@ class SharedBackbone:
             if p.is_meta:  # tuners, trained biases, head: read from the task's file below
                 _set_parameter(net, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
                                                        requires_grad=p.requires_grad))
+        for name, b in list(net.named_buffers()):
+            if b.is_meta:  # a head's running statistics (BatchNorm): read from the task's file below as well
+                module_name, _, leaf = name.rpartition('.')
+                (net.get_submodule(module_name) if module_name else net)._buffers[leaf] = \
+                    torch.empty(b.shape, dtype=b.dtype)
         net.load_tuners(folder)
         return net
 
@@ -137,7 +150,7 @@ class TaskGroup:
                 if shared.matches(*recorded):
                     net = shared.build_task(folder)
                     if net is not None:
-                        model = VisionEfficientTuningModel.from_network(net, model_dir=folder)
+                        model = model_class_of(folder).from_network(net, model_dir=folder)
                         model.shared_backbone = shared
                         return model
         if os.path.isfile(os.path.join(folder, CHECKPOINT_FILE)):
@@ -159,8 +172,8 @@ class TaskGroup:
                              "pipeline(..., backbone='<weights file or model folder>')")
         src = self.backbone_source
         weights = os.path.join(src, CHECKPOINT_FILE) if os.path.isdir(src) else src
-        net = VisionEfficientTuning.from_tuners(folder, weights)
-        return VisionEfficientTuningModel.from_network(net, model_dir=folder)
+        cls = model_class_of(folder)
+        return cls.from_network(cls.network_class.from_tuners(folder, weights), model_dir=folder)
 
     # -- forward -------------------------------------------------------------------------------------------------
     def sharing(self) -> List[List[int]]:
@@ -172,9 +185,12 @@ class TaskGroup:
 
     @torch.no_grad()
     def scores(self, images: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        """``images[i]``: the batch preprocessed for model i (B, 3, H, W) -> softmax scores (B, C_i) per model.
-        Bypass models sharing a backbone and their input get one frozen forward."""
+        """``images[i]``: the batch preprocessed for model i (B, 3, H, W) -> softmax scores (B, C_i) per model
+        (logits (B, K, h, w) for a segmentation model, :meth:`is_dense`). Bypass models sharing a backbone and their
+        input get one frozen forward."""
         out: List[Optional[torch.Tensor]] = [None] * len(self.models)
+        for m in self.models:
+            m.eval()  # inference: dropout off, a dense head's BatchNorm on its running statistics
         for indices in self.sharing():
             bypass = [i for i in indices if self.models[i].backbone.bypass]
             # one frozen pass per distinct input among the bypass models of this backbone
@@ -187,17 +203,28 @@ class TaskGroup:
                 x = images[key].to(next(shared.parameters()).dtype)
                 nets = [self.models[i].model for i in members]
                 for i, logits in zip(members, _bypass_logits(nets, x)):
-                    out[i] = F.softmax(logits.float(), dim=1)
+                    out[i] = logits if self.is_dense(i) else F.softmax(logits.float(), dim=1)
             for i in indices:
                 if out[i] is None:
                     m = self.models[i].eval()
-                    out[i] = m({'imgs': images[i].to(next(m.parameters()).dtype)})['scores']
+                    result = m({'imgs': images[i].to(next(m.parameters()).dtype)})
+                    out[i] = result['logits'] if self.is_dense(i) else result['scores']
         return out
+
+    def is_dense(self, i: int) -> bool:
+        """Whether model ``i`` predicts per pixel (its :meth:`scores` are logits ``(B, K, h, w)``)."""
+        return self.models[i].model.head_layers_needed() is not None
 
 
 def _bypass_logits(nets: List[VisionEfficientTuning], images: torch.Tensor) -> List[torch.Tensor]:
-    """Logits of bypass-mode networks over one frozen backbone, from one frozen forward."""
+    """Logits of bypass-mode networks over one frozen backbone, from one frozen forward: each network's
+    tokens-to-logits step (:meth:`~.network.VisionEfficientTuning.logits_from_tokens`) reads the final tokens, and
+    a dense head the intermediate layers it needs, all collected in that one pass."""
     vit = nets[0].backbone
-    token_pool = vit.global_pool == 'token'
-    tokens = forward_bypass_many(vit, vit.embed(images), [n.backbone for n in nets], class_token_only=token_pool)
-    return [n.head(n.forward_head_features(t, images)) for n, t in zip(nets, tokens)]
+    layers = sorted({i for n in nets for i in (n.head_layers_needed() or [])})
+    if not layers:  # classifiers only: the last block finishes just the class token when that is all they read
+        token_pool = vit.global_pool == 'token'
+        tokens = forward_bypass_many(vit, vit.embed(images), [n.backbone for n in nets], class_token_only=token_pool)
+        return [n.logits_from_tokens(t, {}, images) for n, t in zip(nets, tokens)]
+    results = forward_bypass_many(vit, vit.embed(images), [n.backbone for n in nets], layers=layers)
+    return [n.logits_from_tokens(final, dict(zip(layers, levels)), images) for n, (final, levels) in zip(nets, results)]

@@ -195,6 +195,18 @@ class VisionEfficientTuning(nn.Module):
         """Logits ``(B, num_classes)``."""
         return self.head(self.pre_logits(images))
 
+    # The tokens-to-logits step on its own, for callers that ran the backbone themselves (several tasks sharing one
+    # frozen forward, :mod:`.multitask`): which block outputs the head reads besides the final tokens, and the head's
+    # logits from them. A dense network (:mod:`.segmentation.network`) reads intermediate layers.
+    def head_layers_needed(self) -> Optional[List[int]]:
+        """Block indices whose outputs the head reads besides the final tokens (None: the final tokens only)."""
+        return None
+
+    def logits_from_tokens(self, final: torch.Tensor, levels: Dict[int, torch.Tensor],
+                           images: torch.Tensor) -> torch.Tensor:
+        """Logits from the final tokens ``(B, N, C)`` (and ``levels``: block index -> tokens, for dense heads)."""
+        return self.head(self.forward_head_features(final, images))
+
     # -- weights --------------------------------------------------------------------------------------------------
     def _forms(self) -> Dict[str, str]:
         """Tuner module path (relative to the backbone for block tuners, the network otherwise) -> form."""

@@ -113,10 +113,17 @@ def _preprocessors(models: List[Any], cfg: Any, given: Optional[Any]) -> List[An
     out, seen = [], {}
     for m in models:
         size = tuple(m.backbone.patch_embed.img_size)
-        key = (json.dumps((read_config_section(m.model_dir, 'preprocessor')), sort_keys=True), size)
+        section = read_config_section(m.model_dir, 'preprocessor')
+        dense = m.model.head_layers_needed() is not None
+        key = (json.dumps(section, sort_keys=True), size, dense)
         if key not in seen:
-            seen[key] = VisionEfficientTuningPreprocessor.from_model_dir(m.model_dir, mode=ModeKeys.INFERENCE,
-                                                                       img_size=size)
+            if dense:  # a segmentation model: the whole image resized, its size kept for the output masks
+                from .segmentation.preprocessor import SegmentationPreprocessor
+                seen[key] = SegmentationPreprocessor.from_config(
+                    {'preprocessor': section or {}, 'model': {'backbone': {'img_size': size[0]}}}, ModeKeys.INFERENCE)
+            else:
+                seen[key] = VisionEfficientTuningPreprocessor.from_model_dir(m.model_dir, mode=ModeKeys.INFERENCE,
+                                                                           img_size=size)
         out.append(seen[key])
     return out
 
@@ -161,6 +168,8 @@ class VisionEfficientTuningPipeline(Pipeline):
         if self.group is not None:
             self.models = self.group.models
             self.preprocessors = _preprocessors(self.models, self.cfg, preprocessor)
+            if self.preprocessor is _BUILD_LATER:
+                self.preprocessor = self.preprocessors[0]
         img_size = self._model_img_size()
         if self.preprocessor is _BUILD_LATER:
             self.preprocessor = VisionEfficientTuningPreprocessor.from_model_dir(
@@ -205,23 +214,36 @@ class VisionEfficientTuningPipeline(Pipeline):
         for start in range(0, len(items), size):
             chunk = items[start:start + size]
             batches: Dict[int, torch.Tensor] = {}
+            sizes: List[Tuple[int, int]] = []  # each input's own (H, W): segmentation answers at that size
             for pre in self.preprocessors:
                 if id(pre) not in batches:
                     tensors = []
                     for offset, item in enumerate(chunk):
                         try:
-                            tensors.append(pre(item)['imgs'].unsqueeze(0))
+                            data = pre(item)
                         except ImageInputError as e:
                             raise ImageInputError(f'input [{start + offset}] of the list: {e}') from e
+                        tensors.append(data['imgs'].unsqueeze(0))
+                        if 'size' in data and len(sizes) < len(chunk):
+                            sizes.append(tuple(data['size']))
                     batches[id(pre)] = torch.cat(tensors)
             device = next(self.models[0].parameters()).device
             inputs = [batches[id(pre)].to(device) for pre in self.preprocessors]
             with device_placement(self.framework, self.device_name), torch.no_grad():
                 scores = self.group.scores(inputs)
             for row in range(len(chunk)):
-                per_model = [self._postprocess_for(m, s[row], **post) for m, s in zip(self.models, scores)]
+                per_model = [self._dense_result(m, s[row:row + 1], sizes[row]) if self.group.is_dense(i)
+                             else self._postprocess_for(m, s[row], **post)
+                             for i, (m, s) in enumerate(zip(self.models, scores))]
                 results.append(per_model if self._many else per_model[0])
         return results[0] if single else results
+
+    @staticmethod
+    def _dense_result(model, logits: torch.Tensor, size: Tuple[int, int]) -> Dict[str, Any]:
+        """A segmentation model's answer among several models: as its own pipeline gives it
+        (:class:`~.segmentation.pipeline.SegmentationPipeline`)."""
+        from .segmentation.pipeline import dense_result
+        return dense_result(model, logits, size)
 
     def _postprocess_for(self, model, scores: torch.Tensor, topk: Optional[int] = None) -> Dict[str, list]:
         scores = scores.detach().float().cpu().reshape(-1)

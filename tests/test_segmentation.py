@@ -273,3 +273,50 @@ def test_caller_dataset_is_not_changed(scenes, tmp_path):
     trainer = trainer_for(seg_model_dir(tmp_path / 'model'), tmp_path / 'work', ds, ds, epochs=1)
     assert ds.transform is None
     assert trainer.train_dataset.transform.mode == 'train' and trainer.eval_dataset.transform.mode == 'eval'
+
+
+def test_classifier_and_segmenter_on_one_backbone_share_it(scenes, tmp_path):
+    """A classification and a segmentation model tuned in bypass mode from the same backbone file load together:
+    one frozen backbone in memory, one frozen forward per batch when their inputs coincide, and each answers as
+    its own pipeline does."""
+    from modelscope_utuning.training.defaults import model_configuration as cls_configuration
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    base = SegmentationNetwork({**VIT, 'tuners': []}, {'type': 'linear', 'num_classes': K})
+    weights = str(tmp_path / 'base.safetensors')
+    save_file({k: v.contiguous() for k, v in base.backbone.state_dict().items()}, weights)
+    train, evaluation = scenes
+    bypass = [{'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 4}]
+    seg_dir = seg_model_dir(tmp_path / 'seg', tuners=bypass, bypass=True, pretrained_weights=weights)
+    trainer_for(seg_dir, tmp_path / 'seg-work', train, epochs=1).train()
+    cls_dir = tmp_path / 'cls'
+    os.makedirs(cls_dir)
+    # the classifier preprocesses as the segmenter does (the whole image resized), so their inputs coincide
+    cfg = cls_configuration({**VIT, 'tuners': bypass, 'bypass': True, 'pretrained_weights': weights},
+                            {'num_classes': 3}, preprocessor={'type': 'vision-efficient-tuning-preprocessor',
+                                                              'resize': SIZE, 'crop_pct': 1.0})
+    json.dump(cfg, open(cls_dir / 'configuration.json', 'w'))
+    rows = [{'img_path:FILE': os.path.join(train, 'images', f'{k:04d}.png'), 'label': k % 3} for k in range(12)]
+    from modelscope.metainfo import Trainers
+    build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+        model=str(cls_dir), work_dir=str(tmp_path / 'cls-work'), train_dataset=rows,
+        cfg_modify_fn=lambda c: (setattr(c.train, 'max_epochs', 1) or setattr(c.train.lr_scheduler, 'T_max', 1)
+                                 or c))).train()
+    outs = [str(tmp_path / 'cls-work' / 'output'), str(tmp_path / 'seg-work' / 'output')]
+    both = pipeline('vision-efficient-tuning', outs, device='cpu')
+    cls_model, seg_model = both.models
+    assert seg_model.shared_backbone is cls_model.shared_backbone
+    assert seg_model.backbone.blocks[0].mlp.fc1.weight is cls_model.backbone.blocks[0].mlp.fc1.weight
+    image = os.path.join(evaluation, 'images', '0000.png')
+    calls = []
+    handles = [m.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1)) for m in both.models]
+    answer = both(image)
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == 1  # one frozen forward (one embedding of the batch) for both tasks
+    alone_cls = pipeline('vision-efficient-tuning', outs[0], device='cpu')(image)
+    alone_seg = pipeline(SEG_TASK, outs[1], device='cpu')(image)
+    assert answer[0]['labels'] == alone_cls['labels']
+    assert answer[0]['scores'] == pytest.approx(alone_cls['scores'], abs=1e-5)
+    assert np.array_equal(answer[1][OutputKeys.MASKS], alone_seg[OutputKeys.MASKS])
+    assert answer[1][OutputKeys.LABELS] == alone_seg[OutputKeys.LABELS]

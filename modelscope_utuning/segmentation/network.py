@@ -44,15 +44,18 @@ class SegmentationNetwork(VisionEfficientTuning):
     def head_config(self) -> Dict[str, Any]:
         return {'type': self.head.head_type, 'num_classes': self.head.num_classes, 'layers': list(self.head_layers)}
 
-    def forward_maps(self, images: torch.Tensor) -> List[torch.Tensor]:
-        """The patch-token maps ``(B, C, h, w)`` of the head's layers, from one pass of the tuned backbone."""
-        vit = self.backbone
-        _, levels = vit.forward_intermediates(images, self.head_layers)
-        return [vit.patch_grid(t) for t in levels]
+    def head_layers_needed(self) -> List[int]:
+        return list(self.head_layers)
+
+    def logits_from_tokens(self, final: torch.Tensor, levels: Dict[int, torch.Tensor],
+                           images: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, h, w)`` from the tokens of the head's layers (``levels``: block index -> tokens)."""
+        return self.head([self.backbone.patch_grid(levels[i]) for i in self.head_layers])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits at the patch grid ``(B, K, H/p, W/p)``."""
-        return self.head(self.forward_maps(images))
+        """Logits at the patch grid ``(B, K, H/p, W/p)``, from one pass of the tuned backbone."""
+        final, levels = self.backbone.forward_intermediates(images, self.head_layers)
+        return self.logits_from_tokens(final, dict(zip(self.head_layers, levels)), images)
 
 
 def upsample_logits(logits: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -24,6 +24,14 @@ from .network import predict_masks
 from .preprocessor import SegmentationPreprocessor
 
 
+def dense_result(model, logits: torch.Tensor, size) -> Dict[str, Any]:
+    """One image's result from its logits ``(1, K, h, w)``: the class-id map at ``size`` (H, W) and the class names
+    (also what ``pipeline('vision-efficient-tuning', [classifier, segmenter])`` gives for the segmenter)."""
+    classes = getattr(model, 'CLASSES', None)
+    labels = [str(c) for c in classes] if classes is not None else [str(i) for i in range(logits.shape[1])]
+    return {OutputKeys.MASKS: predict_masks(logits, [size])[0].cpu().numpy(), OutputKeys.LABELS: labels}
+
+
 class SegmentationPipeline(Pipeline):
     """U-Tuning semantic segmentation (see the module docstring)."""
 
@@ -77,10 +85,7 @@ class SegmentationPipeline(Pipeline):
         imgs = torch.stack([d['imgs'] for d in prepared]).to(device=p.device, dtype=p.dtype)
         with device_placement(self.framework, self.device_name), torch.no_grad():
             logits = model({'imgs': imgs})['logits']
-        classes = getattr(model, 'CLASSES', None)
-        labels = [str(c) for c in classes] if classes is not None else [str(i) for i in range(logits.shape[1])]
-        return [{OutputKeys.MASKS: m.cpu().numpy(), OutputKeys.LABELS: labels}
-                for m in predict_masks(logits, [d['size'] for d in prepared])]
+        return [dense_result(model, logits[i:i + 1], d['size']) for i, d in enumerate(prepared)]
 
     # ModelScope's single-input path is not used (``__call__`` above batches); kept for its abstract methods.
     def preprocess(self, input: Input, **kwargs) -> Dict[str, Any]:  # noqa: A002
