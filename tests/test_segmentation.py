@@ -320,3 +320,21 @@ def test_classifier_and_segmenter_on_one_backbone_share_it(scenes, tmp_path):
     assert answer[0]['scores'] == pytest.approx(alone_cls['scores'], abs=1e-5)
     assert np.array_equal(answer[1][OutputKeys.MASKS], alone_seg[OutputKeys.MASKS])
     assert answer[1][OutputKeys.LABELS] == alone_seg[OutputKeys.LABELS]
+
+
+def test_web_demo_overlays_the_pipelines_mask(trained, scenes):
+    """The Gradio page of a segmentation folder: the overlay is the image tinted by exactly the pipeline's mask,
+    the table lists the classes present with their pixel shares."""
+    from modelscope_utuning.deploy.app import build_app, palette  # gradio: in the [test] extra
+    _, out, _ = trained
+    app = build_app(out)
+    path = os.path.join(scenes[1], 'images', '0001.png')
+    shown, table = app.segment(path)
+    masks = pipeline(SEG_TASK, out, device='cpu')(path)[OutputKeys.MASKS]
+    rgb = np.asarray(Image.open(path).convert('RGB'), dtype=np.float32)
+    expected = np.clip(0.5 * rgb + 0.5 * palette(K).astype(np.float32)[masks] + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(shown), expected)
+    present = np.unique(masks)
+    assert table.count('<tr><td class="swatch"') == len(present)
+    names = ['background', 'T-shirt/top', 'Trouser', 'Sneaker']
+    assert all(names[i] in table for i in present)

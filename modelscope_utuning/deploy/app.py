@@ -1,4 +1,5 @@
-"""The web demo: a Gradio page where a person uploads an image and sees the model's top-5 labels with their scores.
+"""The web demo: a Gradio page where a person uploads an image and sees the model's top-5 labels with their scores
+(or, for a segmentation model, the image with its predicted classes overlaid and the classes present).
 
 ``build_app(model_dir)`` returns the ``gradio.Blocks`` (the classification goes through
 ``pipeline('vision-efficient-tuning', model_dir)``, so the page shows exactly what the pipeline returns);
@@ -22,6 +23,8 @@ DEFAULT_TOPK = 5
 DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 7860
 TABLE_ID = 'utuning-scores'  # the HTML table of labels and scores (what the browser test reads)
+CLASSES_ID = 'utuning-classes'  # segmentation: the table of the classes present
+OVERLAY_ID = 'utuning-overlay'  # segmentation: the image with the classes overlaid
 SYSTEM_FONTS = ('ui-sans-serif', 'system-ui', 'sans-serif')
 MONO_FONTS = ('ui-monospace', 'monospace')
 
@@ -59,17 +62,91 @@ def scores_table(labels, scores) -> str:
             f'<tbody>{rows}</tbody></table>')
 
 
+def is_segmentation_folder(model_dir: str) -> bool:
+    """Whether ``model_dir`` (a local folder) holds a segmentation model (its configuration's task)."""
+    path = os.path.join(model_dir, 'configuration.json')
+    if not os.path.isfile(path):
+        return False
+    from ..fileio import read_json_object
+    from ..registration import SEG_TASK, SEG_TYPE
+    cfg = read_json_object(path)
+    return cfg.get('task') == SEG_TASK or (cfg.get('model') or {}).get('type') == SEG_TYPE
+
+
+def palette(n: int):
+    """``n`` distinct RGB colours (uint8 (n, 3)); class 0 grey, as a background usually is."""
+    import colorsys
+    import numpy as np
+    colours = [(128, 128, 128)] + [tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.85, 0.95))
+                                   for i in range(1, n)]
+    return np.array(colours[:n], dtype=np.uint8)
+
+
+def overlay(image, masks, num_classes: int, alpha: float = 0.5):
+    """The image (``PIL.Image`` or path) with each pixel tinted by its class's colour -> ``PIL.Image`` RGB."""
+    import numpy as np
+    from PIL import Image
+    from ..preprocessing.image_io import load_image
+    rgb = np.asarray(load_image(image), dtype=np.float32)
+    colours = palette(max(num_classes, int(masks.max()) + 1)).astype(np.float32)
+    blended = (1 - alpha) * rgb + alpha * colours[masks]
+    return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def classes_table(labels, masks) -> str:
+    """``<table id="utuning-classes">``: the classes present, their colour and share of the pixels."""
+    import numpy as np
+    counts = np.bincount(masks.reshape(-1), minlength=len(labels))
+    colours = palette(len(counts))
+    rows = ''.join(f'<tr><td class="swatch" style="background: rgb{tuple(int(c) for c in colours[i])}">&nbsp;</td>'
+                   f'<td class="label">{html.escape(str(labels[i]) if i < len(labels) else str(i))}</td>'
+                   f'<td class="share">{counts[i] / counts.sum():.6f}</td></tr>'
+                   for i in np.argsort(-counts, kind='stable') if counts[i])
+    return (f'<table id="{CLASSES_ID}"><thead><tr><th></th><th>class</th><th>pixels</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
+
+
+def make_segmenter(model_dir: str, device: Optional[str] = None):
+    """The function behind a segmentation page: an image -> (the image with its predicted classes overlaid, an HTML
+    table of the classes present), both from ``pipeline('semantic-segmentation', model_dir)``."""
+    import modelscope_utuning  # noqa: F401
+    from modelscope.pipelines import pipeline
+    from ..registration import SEG_TASK
+    segmenter = pipeline(SEG_TASK, model_dir, **({'device': device} if device else {}))
+
+    def segment(image):
+        if image is None:
+            return None, ''
+        result = segmenter(image)
+        return overlay(image, result['masks'], len(result['labels'])), classes_table(result['labels'], result['masks'])
+
+    return segment
+
+
 def build_app(model_dir: str, topk: int = DEFAULT_TOPK, device: Optional[str] = None, title: Optional[str] = None):
     """A ``gradio.Blocks``: an image upload, the top-``topk`` labels (Gradio's Label) and a table of the exact
-    scores. The classification function is also reachable as ``app.classify``."""
+    scores. The classification function is also reachable as ``app.classify``. For a segmentation folder: the
+    image with the predicted classes overlaid and a table of the classes present (``app.segment``)."""
     gr = require_gradio()
-    classify = make_classifier(model_dir, topk, device)
     if title:
         name = title
     elif os.path.isdir(model_dir):
         name = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
     else:  # a hub id
         name = str(model_dir)
+    if os.path.isdir(model_dir) and is_segmentation_folder(model_dir):
+        segment = make_segmenter(model_dir, device)
+        with gr.Blocks(title=f'U-Tuning: {name}', analytics_enabled=False) as app:
+            gr.Markdown(f'## U-Tuning semantic segmentation\n\nModel: `{name}`. Upload an image to see its pixels\' '
+                        'classes overlaid on it.')
+            with gr.Row():
+                image = gr.Image(type='filepath', label='image', sources=['upload', 'clipboard'], height=320)
+                shown = gr.Image(type='pil', label='classes', elem_id=OVERLAY_ID, height=320)
+            table = gr.HTML(label='classes present')
+            image.change(segment, inputs=image, outputs=[shown, table])
+        app.segment = segment
+        return app
+    classify = make_classifier(model_dir, topk, device)
     with gr.Blocks(title=f'U-Tuning: {name}', analytics_enabled=False) as app:
         gr.Markdown(f'## U-Tuning image classification\n\nModel: `{name}`. Upload an image to see the top-{topk} '
                     'labels and their scores.')
@@ -124,4 +201,5 @@ def app_requirements() -> str:
     return f'# installed by ModelScope Studio before it runs app.py\nmodelscope-utuning[gradio]>={__version__}\n'
 
 
-__all__ = ['APP_PY', 'app_requirements', 'app_source', 'build_app', 'launch', 'make_classifier', 'scores_table']
+__all__ = ['APP_PY', 'app_requirements', 'app_source', 'build_app', 'classes_table', 'launch', 'make_classifier',
+           'make_segmenter', 'overlay', 'scores_table']
