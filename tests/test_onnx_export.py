@@ -116,9 +116,8 @@ def test_cli_export_onnx_folder_runs_images_like_the_pipeline(tmp_path, capsys):
 
     with open(os.path.join(out, PREPROCESSING_FILE)) as f:
         steps = json.load(f)['steps']
-    assert {'op': 'center_crop', 'height': 32, 'width': 32} in steps
-    assert any(s['op'] == 'resize_shorter_side' and s['size'] == 40 and s['interpolation'] == 'bicubic'
-               for s in steps)
+    assert any(s['op'] == 'resize_center_crop' and s['resize'] == {'shorter_side': 40}
+               and s['crop'] == {'height': 32, 'width': 32} and s['interpolation'] == 'bicubic' for s in steps)
     assert any(s['op'] == 'normalize' and np.allclose(s['mean'], [0.5, 0.4, 0.3]) for s in steps)
 
     rng = np.random.default_rng(0)

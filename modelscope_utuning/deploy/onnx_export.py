@@ -9,8 +9,12 @@ What is written:
   class names and an ``onnx`` section describing the graph. Its model type is ``vision-efficient-tuning-onnx``:
   ``pipeline()`` refuses the folder, saying how to run it, instead of building a torch model with random weights
   from it. :class:`OnnxClassifier` runs it.
-- ``preprocessing.json``: the same preprocessing as plain steps (resize, center crop, scale, normalise) for
-  runtimes without this package.
+- ``preprocessing.json``: everything the pipeline does to an image before the graph, as data, for runtimes
+  without this package: how each input kind and PIL mode becomes 8-bit RGB (16-bit scaling, alpha dropped,
+  palettes, CMYK, EXIF orientation, numpy BGR arrays), the resize / crop with its filter and rounding, /255 and
+  mean / std, and what it leaves out; schema in :mod:`..preprocessing.description`. Written for every export
+  (our preprocessor section or a hub model's ModelScope transform lists), computed from the preprocessor the
+  pipeline builds.
 
 Before export, tuners that fold into the frozen weights (every kind whose class says ``mergeable``, e.g. LoRA)
 are merged into a copy of the network with :meth:`~modelscope_utuning.network.VisionEfficientTuning.merge`, so the
@@ -28,7 +32,7 @@ import copy
 import json
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,39 +120,11 @@ def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
     return VisionEfficientTuningPreprocessor.from_model_dir(cfg=cfg, mode=ModeKeys.INFERENCE, img_size=list(img_size))
 
 
-def describe_preprocessing(preprocessor) -> Optional[List[Dict[str, Any]]]:
-    """The eval transform as plain steps, or None when it is a ModelScope transform list (which only our
-    preprocessor, reading configuration.json, reproduces)."""
-    from ..preprocessing.transforms import (INTERPOLATIONS, CenterCrop, Normalize, Resize, ResizeCenterCrop,
-                                            ToTensor)
-    names = {v: k for k, v in INTERPOLATIONS.items()}
-    transform = preprocessor.eval_transform
-    if transform.output_size is None:
-        return None
-    ops = []
-    for t in transform.transforms:  # a fused resize + crop is described as its two steps
-        ops += [Resize(t.size, t.interpolation), CenterCrop(t.crop)] if isinstance(t, ResizeCenterCrop) else [t]
-    steps: List[Dict[str, Any]] = [{'op': 'load', 'mode': 'RGB', 'note': 'EXIF orientation applied'}]
-    for t in ops:
-        if isinstance(t, Resize):
-            size = t.size
-            if isinstance(size, Sequence) and len(size) == 2:
-                steps.append({'op': 'resize', 'height': int(size[0]), 'width': int(size[1]),
-                              'interpolation': names[t.interpolation]})
-            else:
-                side = int(size[0] if isinstance(size, Sequence) else size)
-                steps.append({'op': 'resize_shorter_side', 'size': side, 'interpolation': names[t.interpolation],
-                              'note': 'longer side = int(size * long / short), PIL Image.resize'})
-        elif isinstance(t, CenterCrop):
-            steps.append({'op': 'center_crop', 'height': t.size[0], 'width': t.size[1]})
-        elif isinstance(t, ToTensor):
-            steps.append({'op': 'to_float', 'scale': 1 / 255, 'layout': 'CHW'})
-        elif isinstance(t, Normalize):
-            steps.append({'op': 'normalize', 'mean': list(t.mean), 'std': list(t.std)})
-        else:
-            return None
-    steps.append({'op': 'stack', 'layout': 'NCHW', 'dtype': 'float32'})
-    return steps
+def describe_preprocessing(preprocessor) -> List[Dict[str, Any]]:
+    """The eval transform as plain steps (the ``steps`` of preprocessing.json; see
+    :mod:`..preprocessing.description`), for our preprocessor and ModelScope's transform lists alike."""
+    from ..preprocessing.description import describe_steps
+    return describe_steps(preprocessor.eval_transform)
 
 
 def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset: Optional[int] = None,
@@ -157,12 +133,18 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     model or its network); ``cfg``: its configuration (read from ``model.model_dir`` when None). Returns
     ``{'onnx': path, 'merged': [kinds], 'notes': [...], 'opset': int}``."""
     require_exporter()
+    net0 = _network(model)
+    img_size = tuple(net0.backbone.patch_embed.img_size)
+    full = _configuration(model, cfg)
+    pre = _inference_preprocessor(full, img_size)  # the pipeline's own preprocessor for this configuration
+    from ..preprocessing.description import describe
+    classes = list(net0.CLASSES) if net0.CLASSES is not None else None
+    preprocessing = describe(pre, img_size, classes, INPUT_NAME)  # before exporting: a refusal costs nothing
     if merge:
         net, merged, notes = merged_copy(model)
     else:
         net, merged, notes = copy.deepcopy(_network(model)).float().eval(), [], []
     wrapper = ExportedClassifier(net).eval()
-    img_size = tuple(net.backbone.patch_embed.img_size)
     example = torch.randn(example_batch, 3, *img_size, generator=torch.Generator().manual_seed(0))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ONNX_FILE)
@@ -175,18 +157,14 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     program.save(path, external_data=False)
     opset_used = _opset_of(program)
 
-    full = _configuration(model, cfg)
-    pre = _inference_preprocessor(full, img_size)
     section = copy.deepcopy(full.get('preprocessor') or {'type': OUR_TYPE})
     if section.get('type') == OUR_TYPE:
         section['img_size'] = list(img_size)  # written out: the backbone section is not copied
-    classes = list(net.CLASSES) if net.CLASSES is not None else None
-    steps = describe_preprocessing(pre)
     onnx_info = {'file': ONNX_FILE, 'input': {'name': INPUT_NAME, 'shape': [BATCH_AXIS, 3, *img_size],
                                               'dtype': 'float32'},
                  'outputs': [{'name': n, 'shape': [BATCH_AXIS, net.head.num_classes]} for n in OUTPUT_NAMES],
                  'opset': opset_used, 'merged_tuners': merged, 'notes': notes,
-                 'preprocessing': PREPROCESSING_FILE if steps is not None else 'configuration.json preprocessor'}
+                 'preprocessing': PREPROCESSING_FILE}
     from .. import __version__
     out_cfg = {'framework': 'onnx', 'task': 'vision-efficient-tuning', 'pipeline': {'type': 'vision-efficient-tuning'},
                'model': {'type': ONNX_MODEL_TYPE, 'CLASSES': classes,
@@ -194,9 +172,7 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
                'preprocessor': section, 'onnx': onnx_info,
                'utuning': {'package': 'modelscope-utuning', 'import': 'modelscope_utuning', 'version': __version__}}
     write_text_atomic(os.path.join(out_dir, CONFIG_FILE), json.dumps(out_cfg, indent=4) + '\n')
-    if steps is not None:
-        write_text_atomic(os.path.join(out_dir, PREPROCESSING_FILE),
-                          json.dumps({'input': INPUT_NAME, 'steps': steps, 'classes': classes}, indent=4) + '\n')
+    write_text_atomic(os.path.join(out_dir, PREPROCESSING_FILE), json.dumps(preprocessing, indent=4) + '\n')
     return {'onnx': path, 'merged': merged, 'notes': notes, 'opset': opset_used}
 
 

@@ -24,7 +24,7 @@ import io
 import os
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,6 +36,64 @@ EXPECTED = ("a local path, an http(s) URL, bytes, a PIL.Image, a numpy array (Hx
             "HxWx4 BGRA) or a dict with 'img_path:FILE' / 'image'")
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray, Mapping]
+
+# -- what happens to each pixel mode: the one table the conversion below dispatches on and preprocessing.json
+# (:mod:`.description`) writes out. Rules (uint8 values throughout unless said):
+#   channels      output R, G, B = input channels ``take`` (L / LA: [0, 0, 0]: gray replicated; alpha dropped)
+#   bilevel       a '1' pixel that is set -> 255, else 0; then replicated as gray
+#   palette       index -> the (R, G, B) entry of Image.getpalette('RGB'), entries past its end are (0, 0, 0);
+#                 transparency (info['transparency'] / the PA alpha band) is ignored
+#   scale         16-bit gray: round_half_even(v / 257) clipped to 0..255; then replicated as gray
+#   clip          32-bit integer gray: v clipped to 0..255; then replicated as gray
+#   float         32-bit float gray: the float rule (see FLOAT_RULE); then replicated as gray
+#   cmyk          Pillow's formula, integers: nk = 255 - K; t = X * nk + 128; out = nk - (((t >> 8) + t) >> 8)
+#                 for X in C, M, Y (no colour management)
+#   pillow_convert  Image.convert('RGB') (through ``via`` first when given): the rare modes no file format in
+#                 common use decodes to (premultiplied alpha, YCbCr, LAB, HSV) and any mode not listed here
+GRAY = [0, 0, 0]
+MODE_RULES: Dict[str, Dict[str, Any]] = {
+    'RGB': {'rule': 'channels', 'take': [0, 1, 2]},
+    'RGBA': {'rule': 'channels', 'take': [0, 1, 2], 'alpha': 'dropped (no compositing)'},
+    'RGBX': {'rule': 'channels', 'take': [0, 1, 2]},
+    'L': {'rule': 'channels', 'take': GRAY},
+    'LA': {'rule': 'channels', 'take': GRAY, 'alpha': 'dropped (no compositing)'},
+    '1': {'rule': 'bilevel', 'set': 255, 'unset': 0},
+    'P': {'rule': 'palette', 'palette': "Image.getpalette('RGB')", 'missing_entries': [0, 0, 0],
+          'transparency': 'ignored'},
+    'PA': {'rule': 'palette', 'palette': "Image.getpalette('RGB')", 'missing_entries': [0, 0, 0],
+           'transparency': 'ignored', 'alpha': 'dropped (no compositing)'},
+    'I;16': {'rule': 'scale', 'divide_by': 257, 'rounding': 'half_to_even', 'clip': [0, 255]},
+    'I;16L': {'rule': 'scale', 'divide_by': 257, 'rounding': 'half_to_even', 'clip': [0, 255]},
+    'I;16B': {'rule': 'scale', 'divide_by': 257, 'rounding': 'half_to_even', 'clip': [0, 255]},
+    'I;16N': {'rule': 'scale', 'divide_by': 257, 'rounding': 'half_to_even', 'clip': [0, 255]},
+    'I': {'rule': 'clip', 'clip': [0, 255]},
+    'F': {'rule': 'float'},
+    'CMYK': {'rule': 'cmyk', 'formula': 'nk = 255 - K; t = X * nk + 128; out = nk - (((t >> 8) + t) >> 8), '
+                                        'X in (C, M, Y), integer arithmetic'},
+    'RGBa': {'rule': 'pillow_convert', 'note': 'premultiplied alpha: Pillow un-premultiplies, then drops it'},
+    'La': {'rule': 'pillow_convert', 'via': 'LA', 'note': 'premultiplied alpha: Pillow un-premultiplies, then '
+                                                          'drops it'},
+    'YCbCr': {'rule': 'pillow_convert'},
+    'LAB': {'rule': 'pillow_convert'},
+    'HSV': {'rule': 'pillow_convert'},
+}
+OTHER_MODES: Dict[str, Any] = {'rule': 'pillow_convert'}
+# floats (F images and float arrays): refused when not finite or outside [0, 255]; x 255 when the maximum is <= 1,
+# else as they are; rounded half to even, clipped to 0..255
+FLOAT_RULE: Dict[str, Any] = {'refuse': 'any NaN / infinity, or a value outside [0, 255]',
+                              'multiply_by': {'max <= 1': 255, 'otherwise': 1}, 'rounding': 'half_to_even',
+                              'clip': [0, 255]}
+# numpy arrays (OpenCV's layout): output R, G, B = these channels; other integer dtypes must hold 0..255
+ARRAY_CHANNELS = {2: GRAY, 3: [2, 1, 0], 4: [2, 1, 0]}  # by ndim 2 (HxW) or channel count (HxWx3 BGR, HxWx4 BGRA)
+# EXIF orientation (tag 0x0112 as Image.getexif() reports it) -> the transpose ImageOps.exif_transpose applies
+EXIF_ORIENTATION_TAG = 0x0112
+EXIF_TRANSPOSE = {2: 'FLIP_LEFT_RIGHT', 3: 'ROTATE_180', 4: 'FLIP_TOP_BOTTOM', 5: 'TRANSPOSE', 6: 'ROTATE_270',
+                  7: 'TRANSVERSE', 8: 'ROTATE_90'}
+
+
+def mode_rule(mode: str) -> Dict[str, Any]:
+    """How :func:`load_image` turns a PIL image of ``mode`` into RGB (an entry of :data:`MODE_RULES`)."""
+    return MODE_RULES.get(mode, OTHER_MODES)
 
 
 class ImageInputError(ValueError):
@@ -218,15 +276,20 @@ def _from_pil(img: Image.Image, max_pixels: Optional[int]) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image, source: str) -> Image.Image:
+    """RGB by the mode's rule (:data:`MODE_RULES`); the other rules are what PIL's ``convert('RGB')`` computes."""
     mode = img.mode
     if mode == 'RGB':
         return img
+    rule = mode_rule(mode)
     try:
-        if mode.startswith('I;16'):
+        if rule['rule'] == 'scale':
             a = np.asarray(img).astype(np.float64)
-            return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)).convert('RGB')
-        if mode == 'F':
+            scaled = np.clip(np.rint(a / rule['divide_by']), *rule['clip'])
+            return Image.fromarray(scaled.astype(np.uint8)).convert('RGB')
+        if rule['rule'] == 'float':
             return Image.fromarray(_float_to_uint8(np.asarray(img), source)).convert('RGB')
+        if rule.get('via'):
+            return img.convert(rule['via']).convert('RGB')
         return _convert_rgb(img)
     except ImageInputError:
         raise
