@@ -24,7 +24,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
           ('compat', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
            'deploy', 'segmentation'),
-          ('cli', 'demo', '__main__', '__init__')]
+          ('cli', 'demo', 'demo_segmentation', '__main__', '__init__')]
 
 
 def layer_of(module: str) -> int:

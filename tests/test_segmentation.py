@@ -116,6 +116,7 @@ def test_trained_model_learns_the_scenes_and_evaluate_equals_the_pipeline(traine
     assert cfg['task'] == SEG_TASK and cfg['model']['type'] == SEG_TYPE and cfg['pipeline']['type'] == SEG_TYPE
     assert cfg['model']['head']['type'] == 'linear' and cfg['evaluation']['metrics'] == [SEG_METRIC]
     assert trainer.model_unwrapped.CLASSES == ['background', 'T-shirt/top', 'Trouser', 'Sneaker']
+    assert cfg['model']['CLASSES'] == trainer.model_unwrapped.CLASSES  # the class names in configuration.json
 
 
 def test_pipeline_answers_at_each_input_size_single_and_list(trained, tmp_path):

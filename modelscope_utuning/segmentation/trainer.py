@@ -70,6 +70,13 @@ class SegmentationTrainer(VisionEfficientTuningTrainer):
             model.CLASSES = names + [f'class_{i}' for i in range(len(names), n)]
         return ds
 
+    def export_output(self) -> str:
+        """``output/`` as the classifier's, with the class names in configuration.json (``model.CLASSES``)."""
+        classes = self.model_unwrapped.CLASSES
+        if classes is not None:
+            self.cfg.model.CLASSES = [str(c) for c in classes]
+        return super().export_output()
+
     def _data_description(self):
         out = {}
         for role, ds in (('train', self.train_dataset), ('eval', self.eval_dataset)):
