@@ -217,28 +217,11 @@ class VisionEfficientTuningModel(TorchModel):
 
 
 def _version_defaults(backbone_cfg: Dict[str, Any], model_dir: Optional[str]) -> Dict[str, Any]:
-    """A folder saved by modelscope-utuning 0.1 (``utuning.version`` in its configuration.json) meant parallel
-    tuners in the literal parametrization: entries that do not say where they join get ``join: absolute``."""
-    path = os.path.join(model_dir, 'configuration.json') if model_dir else None
-    if not backbone_cfg.get('tuners') or not path or not os.path.isfile(path):
-        return backbone_cfg
-    try:
-        version = str((read_json_object(path).get('utuning') or {}).get('version', ''))
-    except ValueError:
-        return backbone_cfg
-    if not version.startswith('0.1'):
-        return backbone_cfg
-    import dataclasses
-    from .tuners.base import tuner_kinds
-    kinds = tuner_kinds()
-    entries = []
-    for e in backbone_cfg['tuners']:
-        cls = kinds.get(e.get('type')) if isinstance(e, dict) else None
-        takes_join = cls is not None and 'join' in {f.name for f in dataclasses.fields(cls.Config)}
-        if takes_join and e.get('form', cls.default_form) == 'parallel' and 'join' not in e:
-            e = dict(e, join='absolute')
-        entries.append(e)
-    return dict(backbone_cfg, tuners=entries)
+    """``model.backbone`` with its tuner entries migrated for the version that wrote ``model_dir``'s
+    configuration.json (``utuning.version``; none: not written by this package, today's defaults): a folder saved
+    by 0.1 keeps ``join: absolute`` (:mod:`.checkpoint.migrate`)."""
+    from .checkpoint.migrate import migrate_backbone, writer_of_folder
+    return migrate_backbone(backbone_cfg, writer_of_folder(model_dir), source=f'{model_dir}/configuration.json')
 
 
 def _fill_from_checkpoint(backbone_cfg: Dict[str, Any], head_cfg: Dict[str, Any], ckpt: Dict[str, Any]) -> None:
@@ -302,6 +285,9 @@ def load_model(path: str) -> VisionEfficientTuningModel:
         raise ValueError(f'{path!r} is not a checkpoint file of a modelscope-utuning trainer (expected state_dict, '
                          'CLASSES and model_cfg); load the folder with its configuration.json instead')
     cfg = dict(ckpt['model_cfg'])
+    if cfg.get('backbone'):  # its tuner entries mean what they meant to the version that wrote the file
+        from .checkpoint.migrate import migrate_backbone, writer_of_checkpoint
+        cfg['backbone'] = migrate_backbone(cfg['backbone'], writer_of_checkpoint(ckpt), source=f'checkpoint {path!r}')
     cls = _model_class(cfg.pop('type', None))
     cfg['finetune'] = False
     model = cls(model_dir=None, pretrained=False, **cfg)

@@ -29,6 +29,7 @@ from .backbone.runner import forward_bypass_many
 from .checkpoint import tuner_only
 from .checkpoint.hub_layout import CHECKPOINT_FILE
 from .fileio import read_json_object
+from .location import HUB, locate_model_source
 from .model import VisionEfficientTuningModel, load_model
 from .network import VisionEfficientTuning
 
@@ -63,8 +64,15 @@ def model_class_of(folder: str) -> type:
 
 
 def _model_section(folder: str) -> Dict[str, Any]:
-    cfg = dict(read_json_object(os.path.join(folder, CONFIG)).get('model') or {})
+    """The ``model`` section of ``folder``'s configuration.json, its tuner entries migrated for the version that
+    wrote it (:mod:`.checkpoint.migrate`)."""
+    from .checkpoint.migrate import migrate_backbone, writer_of_configuration
+    path = os.path.join(folder, CONFIG)
+    full = read_json_object(path)
+    cfg = dict(full.get('model') or {})
     cfg.pop('type', None)
+    if cfg.get('backbone'):
+        cfg['backbone'] = migrate_backbone(cfg['backbone'], writer_of_configuration(full), source=repr(path))
     return cfg
 
 
@@ -144,6 +152,8 @@ class TaskGroup:
             self._register(src)
             return src
         folder = os.fspath(src)
+        if not os.path.exists(folder) and locate_model_source(folder)[0] == HUB:  # a missing path: named there
+            raise ValueError(f'{folder!r} is a hub id: TaskGroup takes local folders (pipeline() downloads it first)')
         recorded = recorded_fingerprint(folder)
         if recorded is not None:
             for shared in self.shared:

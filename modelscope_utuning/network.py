@@ -326,7 +326,7 @@ class VisionEfficientTuning(nn.Module):
         if weights:
             base['pretrained_weights' if base_path else 'pretrained_weights_name'] = \
                 weights if base_path else os.path.basename(str(weights))
-        return {'tuners': [spec.to_config() for spec in self.specs], 'base': base,
+        return {'tuners': [spec.resolved_config() for spec in self.specs], 'base': base,
                 'backbone_fingerprint': self.backbone_fingerprint(),
                 'fingerprint_excludes': self.trained_backbone_names(),
                 'head': self.head_config(),
@@ -423,22 +423,13 @@ class VisionEfficientTuning(nn.Module):
         return merged
 
     def resolved_backbone_config(self) -> Dict[str, Any]:
-        """``backbone_config`` with each explicit tuner entry completed by the options it was built with (``join``,
-        ``scale`` ...), so that a saved model means the same to a later version whose defaults differ. Options
-        that only set initial values are left as written."""
-        import dataclasses
+        """``backbone_config`` with each explicit tuner entry completed by everything it was built with (op, form
+        and every option: :meth:`TunerSpec.resolved_config`), so that a saved model means the same to a later
+        version whose defaults differ."""
         cfg = copy.deepcopy(self.backbone_config)
         if not cfg.get('tuners'):
             return cfg
-        resolved = []
-        for spec in self.specs[:self._n_explicit]:
-            entry = dict(spec.source)
-            for f in dataclasses.fields(spec.options):
-                value = getattr(spec.options, f.name)
-                if f.name not in entry and value is not None and not f.metadata.get('init_only'):
-                    entry[f.name] = value
-            resolved.append(entry)
-        cfg['tuners'] = resolved
+        cfg['tuners'] = [spec.resolved_config() for spec in self.specs[:self._n_explicit]]
         return cfg
 
 

@@ -86,10 +86,11 @@ def test_tuner_only_roundtrip(base_weights, tmp_path, tuners, legacy):
     assert cfg['head'] == {'num_classes': 3, 'dim': 32}
     assert cfg['base']['embed_dim'] == 32 and cfg['base']['pretrained_weights'] == base_weights
     assert not set(cfg['base']) & {'tuners', 'adapter_length', 'prompt_length', 'prefix_length', 'lora_length'}
-    assert cfg['tuners'] == [s.to_config() for s in a.specs]
+    assert cfg['tuners'] == [s.resolved_config() for s in a.specs]  # every option written out
     if legacy:  # legacy keys are written as the entries they mean
-        assert {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 4} in cfg['tuners']
-        assert {'type': 'prompt', 'op': 'block', 'form': 'sequential', 'length': [2, 0]} in cfg['tuners']
+        written = [{k: e[k] for k in ('type', 'op', 'form', 'dim', 'length') if k in e} for e in cfg['tuners']]
+        assert {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 4} in written
+        assert {'type': 'prompt', 'op': 'block', 'form': 'sequential', 'length': [2, 0]} in written
 
     b = build(base_weights, tuners, **legacy)  # fresh tuners and head on the same base
     x = imgs()

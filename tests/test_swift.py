@@ -65,8 +65,10 @@ def test_modelscope_swift_lora_flow_trains_saves_and_reloads(tmp_path):
     output = os.path.join(work_dir, 'output')
     with open(os.path.join(output, 'configuration.json')) as f:
         backbone = json.load(f)['model']['backbone']
-    assert [e for e in backbone['tuners'] if e['type'] == 'lora'] == [{'type': 'lora', 'op': 'mha',
-                                                                        'rank': [10, 10]}]
+    lora = [e for e in backbone['tuners'] if e['type'] == 'lora']  # saved resolved: every option written out
+    assert [{k: e[k] for k in ('type', 'op', 'rank')} for e in lora] == [{'type': 'lora', 'op': 'mha',
+                                                                          'rank': [10, 10]}]
+    assert lora[0]['form'] == 'parallel' and lora[0]['alpha'] is None  # alpha null: the rank (scaling 1)
     imgs = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     model.eval()
     with torch.no_grad():

@@ -8,13 +8,16 @@ A folder holds
 - ``adapter_config.json``::
 
     {"format_version": 2,
-     "tuners": [...],      # the model's tuner entries, legacy *_length keys translated to entries
+     "written_by": {"package": "modelscope-utuning", "version": "..."},
+     "tuners": [...],      # the model's tuner entries, every option written out (legacy keys as entries)
      "base": {...},        # the backbone's ViT arguments (and pretrained_weights, when the model had it)
      "backbone_fingerprint": "sha256:...",  # of the frozen backbone weights the tuners were trained on
      "head": {"num_classes": C, "dim": D},
      "CLASSES": [...] | null}
 
-Both files are written atomically (a temporary file in the same folder, then ``os.replace``). This module only
+Every reader gets the entries through :func:`.migrate.migrate` (:func:`read_tuner_config`): an option an older
+version left out means that version's default (a file without ``written_by`` is dated by the rule in
+:mod:`.migrate`: 0.1 wrote format 1). Both files are written atomically (a temporary file in the same folder, then ``os.replace``). This module only
 reads and writes the files; building a model from them is the network's job
 (:meth:`modelscope_utuning.network.VisionEfficientTuning.from_tuners`).
 """
@@ -38,7 +41,8 @@ def write_tuner_files(folder: str, state: Mapping[str, torch.Tensor], config: Di
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    config = dict(config, format_version=FORMAT_VERSION)
+    from .migrate import writer_marker
+    config = dict(config, format_version=FORMAT_VERSION, written_by=writer_marker())
     text = json.dumps(config, indent=2, ensure_ascii=False, default=_json_default) + '\n'
     weights, cfg_path = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, CONFIG_FILE)
     atomic_write(weights, lambda tmp: save_file(tensors, tmp, metadata={
@@ -60,6 +64,8 @@ def has_tuner_files(folder: str) -> bool:
 
 
 def read_tuner_config(folder: str) -> Dict[str, Any]:
+    """``adapter_config.json`` of ``folder``, its ``tuners`` migrated to what they mean to this version
+    (:mod:`.migrate`); ValueError naming the file when it is missing, not JSON or not a tuner-only config."""
     path = os.path.join(folder, CONFIG_FILE)
     if not os.path.isfile(path):
         raise ValueError(f'no tuner-only export in {folder!r}: {CONFIG_FILE} is missing')
@@ -73,6 +79,9 @@ def read_tuner_config(folder: str) -> Dict[str, Any]:
     if cfg.get('format_version', 1) > FORMAT_VERSION:
         raise ValueError(f'{path!r}: format_version {cfg["format_version"]} is newer than this code '
                          f'({FORMAT_VERSION}); upgrade modelscope-utuning')
+    from .migrate import migrate, writer_of_tuner_config
+    cfg['tuners'] = migrate(cfg['tuners'], writer_of_tuner_config(cfg, folder), cfg.get('format_version', 1),
+                            source=repr(path))
     return cfg
 
 

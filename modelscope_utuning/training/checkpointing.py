@@ -12,7 +12,8 @@ during a write leaves a half-written ``epoch_N.pth`` that fails later with torch
   the hook's own small files (``eval_result.txt``) go to a private folder, ``work_dir/.hook_output``;
 - ``epoch_N.pth`` and ``epoch_N_trainer_state.pth`` are written to a temporary name and renamed, the trainer state
   first: a model file never exists without its state;
-- ``epoch_N.pth`` holds ``{'state_dict', 'CLASSES', 'model_cfg'}``: ModelScope's resume reads its ``state_dict``,
+- ``epoch_N.pth`` holds ``{'state_dict', 'CLASSES', 'model_cfg', 'utuning'}`` (``utuning``: the writer's version,
+  which dates its tuner entries for :mod:`..checkpoint.migrate`): ModelScope's resume reads its ``state_dict``,
   and :func:`modelscope_utuning.load_model` builds the model from it alone.
 """
 from __future__ import annotations
@@ -73,9 +74,10 @@ class CheckpointWriter(CheckpointProcessor):
         fault_point('between_state_and_model')  # the trainer state of epoch N is there, its model file not yet
 
     def save_model_state(self, model, model_file):
+        from ..checkpoint.migrate import writer_marker
         _save({'state_dict': weights_to_cpu(model.state_dict()),
                'CLASSES': list(model.CLASSES) if getattr(model, 'CLASSES', None) is not None else None,
-               'model_cfg': self.model_cfg}, model_file)
+               'model_cfg': self.model_cfg, 'utuning': writer_marker()}, model_file)
 
 
 def install(trainer, model_cfg: Dict[str, Any]) -> None:

@@ -64,6 +64,8 @@ class LoRA(Tuner):
             spec.fail("LoRA has a single form; leave 'form' out (or 'parallel')")
         if spec.op == 'block':
             spec.fail("LoRA adapts weight matrices: op must be 'mha' (qkv) or 'ffn' (fc1, fc2)")
+        if spec.options.lr_ratio is None:  # resolved here, so that saved entries record it
+            spec.options.lr_ratio = DEFAULT_LR_RATIO
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:

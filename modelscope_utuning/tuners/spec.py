@@ -53,6 +53,20 @@ class TunerSpec:
         """The entry as it reads in configuration.json (the original entry, as the user wrote it)."""
         return dict(self.source)
 
+    def resolved_config(self) -> Dict[str, Any]:
+        """The entry with everything it was built with written out: ``op`` and ``form`` (block kinds) and every
+        option of its kind, so that a saved entry means the same to a later version whose defaults differ (see
+        :mod:`..checkpoint.migrate`). A ``null`` option is one the kind derives from elsewhere (LoRA's ``alpha``:
+        the rank; an adapter's ``act``: the backbone's; ``scale_init``: the kind's initial value)."""
+        entry = dict(self.source)
+        if self.kind.level == 'block':
+            entry.setdefault('op', self.op)
+            entry.setdefault('form', self.form)
+        for f in dataclasses.fields(self.options):
+            if f.name not in entry or entry[f.name] is None:
+                entry[f.name] = getattr(self.options, f.name)
+        return entry
+
     def signature(self) -> tuple:
         """What the entry computes, independent of spelling and of options that only set initial values."""
         opts = tuple(sorted((f.name, _hashable(getattr(self.options, f.name)))
@@ -97,7 +111,7 @@ def _layer_sizes(entry: Dict[str, Any], size: Union[int, Sequence[int]], depth: 
 def _options(cls: Type[Tuner], entry: Dict[str, Any]) -> TunerConfig:
     values = {}
     for f in dataclasses.fields(cls.Config):
-        if f.name in entry:
+        if entry.get(f.name) is not None:  # null: the default (a resolved entry writes every option)
             value = entry[f.name]
             choices = f.metadata.get('choices')
             if choices is not None and value not in choices:
