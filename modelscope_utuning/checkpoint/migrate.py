@@ -56,10 +56,11 @@ def _minor(version: Optional[str]) -> Optional[str]:
 
 def migrate(entries: Optional[Sequence[Any]], written_by: Optional[str], format_version: Optional[int] = None,
             source: str = 'saved tuner entries') -> Optional[List[Any]]:
-    """``entries`` as saved by version ``written_by`` (None: not written by this package, today's defaults; with
-    a tuner-only file's ``format_version``, the version its layout says) in ``format_version`` of their file -> entries meaning the same to this version: every option the entry left out
-    whose default differed then is written in. Entries are copied, never changed in place; anything that is not
-    an entry of a known kind passes through (the parser names it later). ``source`` names the file in errors."""
+    """``entries`` as saved by version ``written_by`` -> entries meaning the same to this version: every option
+    the entry left out whose default differed then is written in. ``written_by`` None: not written by this
+    package (today's defaults), unless ``format_version`` (of a tuner-only file) is given: then the version its
+    layout says. Entries are copied, never changed in place; anything that is not an entry of a known kind passes
+    through (the parser names it later). ``source`` names the file in errors."""
     if entries is None:
         return None
     if written_by is None and format_version is not None:  # an unmarked tuner-only file: its layout says

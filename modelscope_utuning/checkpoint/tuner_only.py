@@ -17,8 +17,8 @@ A folder holds
 
 Every reader gets the entries through :func:`.migrate.migrate` (:func:`read_tuner_config`): an option an older
 version left out means that version's default (a file without ``written_by`` is dated by the rule in
-:mod:`.migrate`: 0.1 wrote format 1). Both files are written atomically (a temporary file in the same folder, then ``os.replace``). This module only
-reads and writes the files; building a model from them is the network's job
+:mod:`.migrate`: 0.1 wrote format 1). Both files are written atomically (a temporary file in the same folder,
+then ``os.replace``). This module only reads and writes the files; building a model from them is the network's job
 (:meth:`modelscope_utuning.network.VisionEfficientTuning.from_tuners`).
 """
 from __future__ import annotations
