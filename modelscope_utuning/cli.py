@@ -33,10 +33,10 @@ import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .fileio import read_json_object
+from .location import HUB, HUB_ID, ModelLocationError, locate_model_source
 
 PROG = 'modelscope-utuning'
 TOKEN_ENV = 'MODELSCOPE_API_TOKEN'
-HUB_ID = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$')
 OVERRIDE_KEY = re.compile(r'^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*$')
 # Top-level sections of a configuration.json; an override may add a key under them, but a new top-level key is
 # most likely a typo (``trian.max_epochs=3``) and is refused.
@@ -185,12 +185,16 @@ def locate_model(spec: str, allow_config: bool = True) -> Tuple[str, str]:
     name = spec[:-5] if spec.endswith('.json') else spec
     if allow_config and name in presets:
         return 'config', presets[name]
-    if HUB_ID.match(spec) and not spec.startswith(('.', '/')):
-        return 'hub', spec  # ModelScope downloads it
+    try:
+        if locate_model_source(spec)[0] == HUB:  # the package's one rule for paths and hub ids
+            return 'hub', spec  # ModelScope downloads it
+        reason = 'no such folder'
+    except ModelLocationError as e:
+        reason = e.reason
     what = 'a model folder, a hub id (owner/name)'
     if allow_config:
         what += ', a configuration .json or a preset (' + (', '.join(presets) or 'none installed') + ')'
-    raise CLIError(f'unknown model {spec!r}: no such folder; expected {what}')
+    raise CLIError(f'unknown model {spec!r}: {reason}; expected {what}')
 
 
 def resolve_model(spec: str, work_dir: Optional[str] = None, allow_config: bool = True) -> str:

@@ -39,6 +39,18 @@ difference was observed, for the record only.
    process runs without a checkpoint hook and without a log. Where our trainer's configuration holds those very
    dicts, it gets copies of the defaults as they were when the package was imported; ModelScope's own dicts are
    left as they are.
+8. :func:`refuse_missing_model_path` - ModelScope's ``pipeline()`` and ``build_trainer()`` ask the hub about their
+   model argument (the trusted-source lookup of 1., then ``is_official_hub_path`` and ``snapshot_download``) before
+   our pipeline or trainer class runs, so a typo in a relative folder (``pipeline('vision-efficient-tuning',
+   ['a/output', 'std/outptu'])``) failed after 15 s of hub retries with a connection error. The guard of 1. is the
+   first thing both builders call; when it is called by ModelScope's ``pipeline()`` for our task or pipeline type, or
+   by ``build_trainer()`` for our trainer (read from the caller's frame, by the identity of the builder's code
+   object and its ``task`` / ``pipeline_name`` / ``name`` / ``model`` / ``default_args`` locals), or when another
+   model of the list is one of our local folders, every model string is checked with
+   :func:`modelscope_utuning.location.locate_model_source`, and a missing local path is named at once (a
+   ValueError). Calls for other tasks, and builders whose code is not the one recognised, are left as they are.
+   ``pipeline(..., trust_remote_code=True)`` makes no trusted-source lookup: there ModelScope still asks the hub
+   first (our pipeline class names the path when the hub does not know it).
 5. :func:`explain_import_error` - ``modelscope.utils.plugins`` imports ``pkg_resources`` at module level up to
    1.34; setuptools 82 removed it, so ModelScope itself does not import there. No patch can fix that without
    changing the environment for everyone: ``import modelscope_utuning`` re-raises the error with the fix
@@ -97,6 +109,7 @@ def guard_trusted_source_lookup() -> bool:
 
     @functools.wraps(original)
     def is_model_from_trusted_source(model_id, *args, **kwargs):
+        refuse_missing_model_path(sys._getframe(1))  # 8.
         if is_our_local_model(model_id):
             return False  # ModelScope's own answer for a local folder, without asking the hub
         return original(model_id, *args, **kwargs)
@@ -110,6 +123,43 @@ def guard_trusted_source_lookup() -> bool:
                 vars(module).get(TRUSTED_SOURCE_FUNCTION) is original:
             setattr(module, TRUSTED_SOURCE_FUNCTION, is_model_from_trusted_source)
     return True
+
+
+# -- 8. a missing local path given to ModelScope's builders for our task -----------------------------------------------
+def _builder_model_argument(frame) -> Any:
+    """The model argument of the ModelScope builder call that ``frame`` runs when that call is for our task,
+    pipeline or trainer; None for any other frame or call."""
+    from .registration import PLUGIN_TYPE, SEG_TYPE, TASK
+    pipelines = sys.modules.get('modelscope.pipelines.builder')
+    trainers = sys.modules.get('modelscope.trainers.builder')
+    code = frame.f_code if frame is not None else None
+    pipeline_code = getattr(getattr(pipelines, 'pipeline', None), '__code__', None)
+    trainer_code = getattr(getattr(trainers, 'build_trainer', None), '__code__', None)
+    names = {TASK, PLUGIN_TYPE, SEG_TYPE}
+    if code is None or code not in (pipeline_code, trainer_code):
+        return None
+    local = frame.f_locals
+    if code is pipeline_code and {'task', 'pipeline_name', 'model'} <= set(code.co_varnames):
+        model, ours = local.get('model'), local.get('task') in names or local.get('pipeline_name') in names
+    elif code is trainer_code and {'name', 'default_args'} <= set(code.co_varnames):
+        model, ours = (local.get('default_args') or {}).get('model'), local.get('name') in names
+    else:
+        return None
+    items = model if isinstance(model, (list, tuple)) else [model]
+    return model if ours or any(is_our_local_model(m) for m in items) else None
+
+
+def refuse_missing_model_path(frame) -> None:
+    """When ``frame`` is ModelScope's ``pipeline()`` / ``build_trainer()`` building one of ours (see 8. above),
+    raise :class:`~modelscope_utuning.location.ModelLocationError` for a model string that is a missing local path,
+    before ModelScope asks the hub about it."""
+    model = _builder_model_argument(frame)
+    if model is None:
+        return
+    from .location import locate_model_source
+    for item in model if isinstance(model, (list, tuple)) else [model]:
+        if isinstance(item, (str, os.PathLike)):
+            locate_model_source(item)
 
 
 # -- 2., 3. trust_remote_code through the trainer ----------------------------------------------------------------

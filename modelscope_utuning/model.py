@@ -21,6 +21,7 @@ from .checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub, read
 from .checkpoint.merge import has_tuners, merge_block_tuners
 from .fileio import read_json_object
 from .head import ClassifierHead
+from .location import locate_model_source
 from .network import VisionEfficientTuning
 from .registration import register_class
 from .tuners.spec import TunerSpec
@@ -197,6 +198,14 @@ class VisionEfficientTuningModel(TorchModel):
         if merged:
             self.apply_freeze_policy(self.freeze_cfg)
         return merged
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, *args, **kwargs):
+        """ModelScope's ``Model.from_pretrained``, with a missing local path (a typo) named at once instead of being
+        sent to the hub (the rule: :func:`.location.locate_model_source`); hub ids download as usual."""
+        if isinstance(model_name_or_path, (str, os.PathLike)):
+            locate_model_source(model_name_or_path)
+        return super().from_pretrained(model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_network(cls, net: VisionEfficientTuning, model_dir: Optional[str] = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -21,6 +20,7 @@ from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement, verify_device
 from modelscope.utils.logger import get_logger
 
+from .location import EXPECTED, HUB, locate_model_source
 from .preprocessing.image_io import ImageInputError
 from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
 from .registration import register_class
@@ -31,7 +31,6 @@ DEFAULT_BATCH_SIZE = 8
 DEFAULT_TOPK = 5
 CALL_ARGS = ('topk',)
 _BUILD_LATER = object()  # stands in for the preprocessor until the model (and its folder) is known
-_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$')  # owner/name, not ./x or ../x
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -63,21 +62,20 @@ def _check_device(device: Any) -> str:
 
 
 def _check_model_path(model: Any) -> Any:
-    """A local folder is used as it is (absolute); anything that is not a hub id must exist locally, so a typo
-    in a path fails here instead of going to the hub."""
+    """A local folder is used as it is (absolute); a hub id is left to ModelScope; a missing local path (a typo)
+    fails here, named, instead of going to the hub (the rule: :func:`.location.locate_model_source`)."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, str):
         return model
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, 'configuration.json')):
-            raise ValueError(f'model folder {model!r} has no configuration.json')
-        _refuse_onnx_export(model)
-        return os.path.abspath(model)
-    if os.path.exists(model) or not _HUB_ID.match(model):
-        raise ValueError(f'model {model!r}: not a model folder (with configuration.json) nor a hub id '
-                         "like 'owner/name'")
-    return model
+    if locate_model_source(model)[0] == HUB:
+        return model
+    if not os.path.isdir(model):
+        raise ValueError(f'model {model!r}: not a model folder (a file); {EXPECTED}')
+    if not os.path.isfile(os.path.join(model, 'configuration.json')):
+        raise ValueError(f'model folder {model!r} has no configuration.json')
+    _refuse_onnx_export(model)
+    return os.path.abspath(model)
 
 
 def _refuse_onnx_export(folder: str) -> None:

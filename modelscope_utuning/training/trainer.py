@@ -31,6 +31,7 @@ from modelscope.utils.torch_utils import is_master
 from ..data.datasets import ON_ERROR_CHOICES
 from ..compat import from_pretrained_trust_kwargs, own_default_hooks, trainer_trust_remote_code, warmup_options
 from ..extras import require
+from ..location import locate_model_source
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR, apply_defaults
@@ -154,9 +155,11 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     def get_or_download_model_dir(self, model, model_revision=None, third_party=None):
         """A local folder is used as it is: ModelScope's base trainer would ask the hub whether it is the
-        latest version, which stalls for seconds offline. Hub ids still go through ``snapshot_download``."""
+        latest version, which stalls for seconds offline. Hub ids still go through ``snapshot_download``; a missing
+        local path (a typo) is named at once (:func:`..location.locate_model_source`)."""
         if os.path.exists(model):
             return model if os.path.isdir(model) else os.path.dirname(model)
+        locate_model_source(model)
         return super().get_or_download_model_dir(model, model_revision, third_party)
 
     # -- model, data -------------------------------------------------------------------------------------------
