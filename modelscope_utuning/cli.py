@@ -286,12 +286,63 @@ def cmd_train(args) -> int:
         if not os.path.isfile(args.backbone_weights):
             raise CLIError(f'--backbone-weights {args.backbone_weights!r}: no such file')
         overrides.append(('model.backbone.pretrained_weights', os.path.abspath(args.backbone_weights)))
+    if args.resume and not args.work_dir:
+        raise CLIError('--resume needs --work-dir: the folder of the run to continue')
     locate_model(args.model)  # a bad model name fails before any data is read
     train_ds = load_data(args.train_data, '--train-data')
     eval_ds = load_data(args.eval_data, '--eval-data', classes=train_ds.classes) if args.eval_data else None
     work_dir = os.path.abspath(args.work_dir or _default_work_dir(args.model))
     if os.path.exists(work_dir) and not os.path.isdir(work_dir):
         raise CLIError(f'--work-dir {args.work_dir!r} is a file; expected a folder (it is created if missing)')
+    from .training.workdir import WorkDirBusyError, WorkDirLock
+    lock = WorkDirLock(work_dir)  # held for the whole command: a refused run writes nothing into the work_dir
+    try:
+        lock.acquire()
+    except WorkDirBusyError as e:
+        raise CLIError(str(e)) from None
+    try:
+        return _train(args, work_dir, overrides, explicit, train_ds, eval_ds)
+    finally:
+        lock.release()
+
+
+def resume_point(work_dir: str, resume: bool) -> Optional[str]:
+    """The epoch file ``train`` continues from: with ``resume``, the newest whose model file and trainer state both
+    load (an unreadable newest one, e.g. half-written by a kill, falls back to the one before, said on stderr), or
+    None to start at epoch 1 when there is none (said too). Without ``resume``, CLIError when the work_dir holds
+    epoch files: re-running a command does not silently start the run again over its checkpoints."""
+    from .training.checkpointing import epoch_files, readable
+    files = epoch_files(work_dir)
+    names = [os.path.basename(files[n][0]) for n in sorted(files)]
+    if not resume:
+        if files:
+            raise CLIError(f'--work-dir {work_dir!r} holds the checkpoints of an earlier run ({", ".join(names)}): '
+                           'pass --resume to continue it from its newest readable epoch, or use another --work-dir '
+                           '(or delete them to start over)')
+        return None
+    if not files:
+        print(f'--resume: nothing to resume in {work_dir} (no epoch_N.pth yet): starting at epoch 1', file=sys.stderr)
+        return None
+    for n in sorted(files, reverse=True):
+        model_file, state_file = files[n]
+        if not os.path.isfile(state_file):
+            problem = f'{os.path.basename(state_file)} is missing'
+        elif not readable(model_file):
+            problem = f'{os.path.basename(model_file)} cannot be read (half-written or damaged)'
+        elif not readable(state_file):
+            problem = f'{os.path.basename(state_file)} cannot be read (half-written or damaged)'
+        else:
+            print(f'--resume: continuing from {model_file} (epoch {n} done)', file=sys.stderr)
+            return model_file
+        print(f'--resume: {problem}: falling back to the epoch before', file=sys.stderr)
+    print(f'--resume: no readable epoch file in {work_dir} ({", ".join(names)}): starting at epoch 1',
+          file=sys.stderr)
+    return None
+
+
+def _train(args, work_dir: str, overrides: List[Tuple[str, Any]], explicit: set, train_ds, eval_ds) -> int:
+    """``train`` once the work_dir is locked: where to start, the model folder, the trainer, the run."""
+    checkpoint = resume_point(work_dir, args.resume)
     model = resolve_model(args.model, work_dir)
     has_weights = os.path.isdir(model) and os.path.isfile(os.path.join(model, 'pytorch_model.pt'))
     notes: List[str] = []
@@ -332,7 +383,7 @@ def cmd_train(args) -> int:
                              cfg_modify_fn=cfg_modify_fn)
     for note in notes:
         print(f'note: {note}', file=sys.stderr)
-    trainer.train()
+    trainer.train(checkpoint_path=checkpoint)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     trainable, total = trainer.model_unwrapped.trainable_parameters()
     if args.json:
@@ -637,6 +688,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--lr', type=float, help='train.optimizer.lr')
     p.add_argument('--backbone-weights', metavar='FILE',
                    help='pre-trained backbone (timm / HF / hub layout) for a model folder or preset without weights')
+    p.add_argument('--resume', action='store_true',
+                   help='continue the run in --work-dir from its newest readable epoch_N.pth (an unreadable newest '
+                   'one falls back to the one before; none: start at epoch 1); without it, a work dir holding epoch '
+                   'files is refused')
     p.add_argument('--json', action='store_true', help='print the result as JSON')
     p.set_defaults(func=cmd_train)
 

@@ -100,6 +100,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             callbacks = kwargs.get('callbacks') or []
             kwargs['callbacks'] = (list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]) \
                 + [DataParallelHook(launcher)]
+        if kwargs.get('work_dir') is not None:
+            # another live run on this work_dir: refused before ModelScope's __init__ writes its log file there
+            WorkDirLock(kwargs['work_dir']).check()
         super().__init__(*args, **kwargs)
         device_type = 'cuda' if self.device.type == 'cuda' else 'cpu'
         self.precision = resolve_precision(self._amp_arg or self.cfg.train.get('amp', 'auto'), device_type)

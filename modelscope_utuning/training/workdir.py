@@ -7,9 +7,12 @@ stale lock); the file names the holder's pid for the message.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, List, Optional
 
 LOCK_FILE = '.lock'
+# Locks this process holds: lock file (real path) -> [descriptor, holders]. The command line holds the lock of its
+# work_dir for the whole command and the trainer it builds takes the same lock again: that is one run, not two.
+_HELD: Dict[str, List[int]] = {}
 
 
 class WorkDirBusyError(RuntimeError):
@@ -24,6 +27,7 @@ class WorkDirLock:
         self.work_dir = work_dir
         self.path = os.path.join(work_dir, LOCK_FILE)
         self._fd: Optional[int] = None
+        self._key: Optional[str] = None
 
     @staticmethod
     def _is_rank0() -> bool:
@@ -37,6 +41,11 @@ class WorkDirLock:
             return self
         import fcntl
         os.makedirs(self.work_dir, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in _HELD:  # this process holds it already
+            _HELD[key][1] += 1
+            self._fd, self._key = _HELD[key][0], key
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,14 +56,20 @@ class WorkDirLock:
                                    'wait for it or use another work_dir') from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
-        self._fd = fd
+        self._fd, self._key = fd, key
+        _HELD[key] = [fd, 1]
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            import fcntl
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            held = _HELD.get(self._key)
+            if held is not None and held[1] > 1:
+                held[1] -= 1
+            else:
+                import fcntl
+                _HELD.pop(self._key, None)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
             self._fd = None
 
     def check(self) -> None:
