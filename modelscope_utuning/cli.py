@@ -646,6 +646,13 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     if args.threads is not None and args.threads < 0:
         raise CLIError(f'--threads {args.threads}: expected 0 (torch default) or more')
+    if args.segmentation:
+        from .demo_segmentation import run_segmentation_demo
+        result = run_segmentation_demo(args.work_dir, quick=args.quick, show_logs=args.show_logs,
+                                       threads=1 if args.threads is None else args.threads)
+        if args.json:
+            print(json.dumps(result, indent=2, default=float))
+        return 0
     result = run_demo(args.work_dir, quick=args.quick, verbose=True, show_logs=args.show_logs,
                       threads=args.threads)
     if args.json:
@@ -767,6 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, help='torch threads (default 1: steady on a busy 2-core machine; '
                    '0: torch default)')
     p.add_argument('--json', action='store_true', help='also print the measured numbers as JSON')
+    p.add_argument('--segmentation', action='store_true',
+                   help='the semantic-segmentation demo instead: scenes composed from the same images')
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser('presets', help='list the configuration presets')

@@ -339,3 +339,18 @@ def test_web_demo_overlays_the_pipelines_mask(trained, scenes):
     assert table.count('<tr><td class="swatch"') == len(present)
     names = ['background', 'T-shirt/top', 'Trouser', 'Sneaker']
     assert all(names[i] in table for i in present)
+
+
+def test_segmentation_demo_runs_end_to_end_from_the_cli(tmp_path):
+    """``modelscope-utuning demo --segmentation --quick``: both stages train, the overlays are written, the output
+    folder is a segmentation model."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, '-m', 'modelscope_utuning', 'demo', '--segmentation', '--quick',
+                           '--work-dir', str(tmp_path), '--json'], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout[proc.stdout.index('{'):])
+    assert set(result['results']) == {'linear head', 'U-Tuning tri-tuner'}
+    assert all(0 <= r['mIoU'] <= 1 for r in result['results'].values())
+    assert len(os.listdir(result['overlays'])) == 4
+    assert json.load(open(os.path.join(result['output_dir'], 'configuration.json')))['task'] == SEG_TASK
