@@ -583,8 +583,20 @@ def cmd_export(args) -> int:
 
 
 def _export_onnx(model, out: str, opset: Optional[int]) -> int:
-    from .deploy.onnx_export import export_onnx, max_abs_difference
     model.eval()
+    if model.model.head_layers_needed() is not None:  # a segmentation model
+        from .segmentation.onnx_export import export_segmentation_onnx, max_abs_difference as seg_difference
+        result = export_segmentation_onnx(model, out, opset=opset)
+        print(f'ONNX export: {result["onnx"]} (dynamic batch axis, logits at the patch grid); configuration.json '
+              'and preprocessing.json (loading, resizing, upsampling and argmax) beside it')
+        diffs = seg_difference(model, out)
+        print('onnxruntime vs torch, max |difference| of the logits: '
+              + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
+        if max(diffs.values()) > 1e-4:
+            raise RuntimeError(f'the ONNX model differs from the torch model by {max(diffs.values()):.2e} (> 1e-4)')
+        print(f'run it: modelscope_utuning.segmentation.onnx_export.OnnxSegmenter({out!r})(image)')
+        return 0
+    from .deploy.onnx_export import export_onnx, max_abs_difference
     result = export_onnx(model, out, opset=opset)
     print(f'ONNX export: {result["onnx"]} (opset {result["opset"]}, dynamic batch axis); '
           f'configuration.json and the preprocessing beside it')

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -354,3 +355,29 @@ def test_segmentation_demo_runs_end_to_end_from_the_cli(tmp_path):
     assert all(0 <= r['mIoU'] <= 1 for r in result['results'].values())
     assert len(os.listdir(result['overlays'])) == 4
     assert json.load(open(os.path.join(result['output_dir'], 'configuration.json')))['task'] == SEG_TASK
+
+
+def test_onnx_export_of_a_segmentation_model_answers_as_the_pipeline(trained, scenes, tmp_path):
+    """``modelscope-utuning export OUT --onnx`` on a segmentation folder: onnxruntime's logits equal torch's
+    (dynamic batch), and the folder run by OnnxSegmenter gives the pipeline's masks; preprocessing.json describes
+    the resize and the upsampling."""
+    import subprocess
+    import sys
+    from modelscope_utuning.segmentation.onnx_export import OnnxSegmenter
+    _, out, _ = trained
+    export = str(tmp_path / 'onnx')
+    proc = subprocess.run([sys.executable, '-m', 'modelscope_utuning', 'export', out, export, '--onnx'],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diffs = re.findall(r'batch (\d+): ([0-9.e+-]+)', proc.stdout)
+    assert [n for n, _ in diffs] == ['1', '3'] and all(float(d) < 1e-4 for _, d in diffs), proc.stdout
+    runner = OnnxSegmenter(export)
+    p = pipeline(SEG_TASK, out, device='cpu')
+    for k in range(3):
+        path = os.path.join(scenes[1], 'images', f'{k:04d}.png')
+        ours, theirs = runner(path), p(path)
+        assert theirs[OutputKeys.LABELS] == ours['labels']
+        assert np.mean(ours['masks'] == theirs[OutputKeys.MASKS]) > 0.999  # float summation order at ties only
+    description = json.load(open(os.path.join(export, 'preprocessing.json')))
+    assert [s['op'] for s in description['steps']] == ['resize', 'to_float', 'normalize']
+    assert description['postprocess']['upsample']['mode'] == 'bilinear'
