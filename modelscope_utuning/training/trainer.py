@@ -46,6 +46,7 @@ from .optim import param_groups
 from .precision import autocast, resolve_precision
 from .swift_tuners import exportable
 from .validate import validate_config
+from .schedule import install_probe_first
 from .warmup import StepWarmup, warmup_iters
 from .workdir import WorkDirLock
 
@@ -236,6 +237,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
                          has_own_warmup=bool((lr_options or {}).get('warmup')))
         if n:
             self.warmup = StepWarmup(optimizer, n, lambda: self._iter // cumulative)
+        self.probe_first = install_probe_first(self, optimizer)  # schedule.py: train.probe_epochs (off by default)
         return optimizer, lr_scheduler, optim_options, lr_options
 
     def train_step(self, model, inputs):

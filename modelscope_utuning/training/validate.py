@@ -50,6 +50,15 @@ def _bool(v: Any) -> Optional[str]:
     return None if isinstance(v, bool) else 'expected true or false'
 
 
+def _probe_epochs(v: Any) -> Optional[str]:
+    from .schedule import probe_epochs
+    try:
+        probe_epochs(v, 100, True, False)
+    except ValueError as e:
+        return str(e).split(': ', 1)[-1]
+    return None
+
+
 def _warmup(v: Any) -> Optional[str]:
     from .warmup import warmup_iters
     try:
@@ -72,6 +81,7 @@ CHECKS: List[Tuple[str, Callable[[Any], Optional[str]]]] = [
     ('train.lr_scheduler.T_max', _int(1)),
     ('train.amp', _choice(*PRECISIONS)),
     ('train.warmup', _warmup),
+    ('train.probe_epochs', _probe_epochs),
     ('train.on_bad_image', _choice('raise', 'skip')),
     ('train.cpu_allocator', _choice('default', 'lean')),
     ('model.head.num_classes', _int(1)),
@@ -265,7 +275,7 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
 # unknown keys are only logged (other ModelScope releases and hub configurations carry keys of their own).
 TRAIN_KEYS = ('work_dir', 'max_epochs', 'max_iters', 'train_iters_per_epoch', 'dataloader', 'optimizer',
               'lr_scheduler', 'hooks', 'checkpoint', 'logging', 'optimizer_hook', 'lr_scheduler_hook',
-              'amp', 'warmup', 'on_bad_image', 'cpu_allocator')
+              'amp', 'warmup', 'probe_epochs', 'on_bad_image', 'cpu_allocator')
 EVALUATION_KEYS = ('dataloader', 'metrics', 'period', 'val_iters_per_epoch')
 MODEL_EXTRA_KEYS = ('type', 'model_dir', 'device')
 
