@@ -11,6 +11,14 @@ patches; the position embedding is resampled by the package). Data: Fashion-MNIS
 ``--test-per-class`` images per class (balanced) from the official test split, also drawn with the seed. The
 images are written as grayscale PNGs in an image-folder layout; the package's loader makes them RGB.
 
+``--dataset colour``: real colour photographs and drawings of 10 object classes (Debian's Tux Paint stamps, GPL-2,
+``apt-get install -y tuxpaint-stamps-default``), made at run time by ``../shared/tools/colour_objects.py`` in the
+scratch folder (or ``--colour-dir``, an existing output of it; never commit the images). Per seed, ``--shots``
+(default 5) images per class are drawn for training and every other image of the class (109 of the 159) is the
+test set; 20 epochs of batch 10 by default. ``--curves [EVERY]`` records the per-epoch training loss and, every
+EVERY epochs, the accuracy on the training and the test images; ``--set KEY=JSON`` changes one configuration key
+after everything else (e.g. ``--set train.probe_epochs=auto``) and ``--tag`` keeps such runs apart.
+
 Every run goes through the public API only: a model directory holding configuration.json alone (no weights
 beside it; ``pretrained_weights`` = the DINOv2 file; head ``num_classes`` 10), then ``build_trainer(name=
 Trainers.vision_efficient_tuning, default_args=dict(model=dir, work_dir=..., train_dataset=folder, eval_dataset=
@@ -46,11 +54,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_WEIGHTS = '/tmp/dinov2_vits14.safetensors'
 DEFAULT_DATA = '/usr/share/datasets/fashion-mnist'
 DEFAULT_OUT = os.path.join(HERE, 'results', 'accuracy_sweep.json')
+COLOUR_OUT = os.path.join(HERE, 'results', 'accuracy_colour.json')
 README = os.path.join(HERE, 'README.md')
 SECTION = '## Accuracy (real backbone, Fashion-MNIST few-shot)'
 TABLE_START, TABLE_END = '<!-- accuracy-table:start -->', '<!-- accuracy-table:end -->'
 CLASS_NAMES = ['T-shirt-top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                'Ankle boot']
+# --dataset colour: real colour photos and drawings, 10 classes, made by the team's offline tool from Debian's
+# Tux Paint stamps (GPL-2: made at benchmark time in the scratch folder, never committed).
+COLOUR_TOOL = os.path.join(os.path.dirname(HERE), '..', 'shared', 'tools', 'colour_objects.py')
+COLOUR_CLASSES = ['vehicle', 'roadsign', 'money', 'chess', 'christmas', 'halloween', 'easter', 'hanukkah', 'insect',
+                  'sport']
+COLOUR_SECTION = '## Accuracy (real backbone, colour objects few-shot)'
+# per dataset: shots, test images per class, epochs, batch (the issue's colour setting: 5 shots, 20 epochs, 10)
+DATASET_DEFAULTS = {'fashion-mnist': dict(shots=10, test_per_class=50, epochs=15, batch=25),
+                    'colour': dict(shots=5, test_per_class=None, epochs=20, batch=10)}
 
 # DINOv2 ViT-S/14 as our VisionTransformer arguments (see checkpoint/converters.py).
 BACKBONE = {'patch_size': 14, 'embed_dim': 384, 'depth': 12, 'num_heads': 6, 'init_values': 1.0,
@@ -129,6 +147,39 @@ def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.concatenate(picked)
 
 
+def colour_pool(folder: str) -> Dict[str, List[str]]:
+    """class -> sorted image paths, over both splits the tool wrote (we draw our own split per seed)."""
+    pool = {c: [] for c in COLOUR_CLASSES}
+    for split in ('train', 'test'):
+        for c in COLOUR_CLASSES:
+            d = os.path.join(folder, split, c)
+            if os.path.isdir(d):
+                pool[c] += [os.path.join(d, n) for n in os.listdir(d) if n.endswith('.png')]
+    missing = [c for c, v in pool.items() if not v]
+    if missing:
+        raise FileNotFoundError(f'{folder}: no images of {missing}; make it with {COLOUR_TOOL} OUT_DIR')
+    return {c: sorted(v) for c, v in pool.items()}
+
+
+def make_colour_pool(scratch: str) -> str:
+    out = os.path.join(scratch, 'colour_objects')
+    subprocess.run([sys.executable, COLOUR_TOOL, out], check=True, capture_output=True)
+    return out
+
+
+def write_colour_split(pool: Dict[str, List[str]], shots: int, seed: int, root: str):
+    """``shots`` images per class drawn with the seed for training, every other image of the class for testing
+    (image-folder layout, copies)."""
+    rng = np.random.default_rng(seed)
+    for c, files in pool.items():
+        order = [files[i] for i in rng.permutation(len(files))]
+        for split, part in (('train', order[:shots]), ('test', order[shots:])):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for f in part:
+                shutil.copy(f, os.path.join(root, split, c, os.path.basename(f)))
+    return os.path.join(root, 'train'), os.path.join(root, 'test')
+
+
 def write_split(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, root: str) -> str:
     """Grayscale PNGs under ``root/<class>/`` (image-folder layout; the loader converts them to RGB)."""
     from PIL import Image
@@ -185,6 +236,14 @@ def make_cfg_modify_fn(method: str, lr: float, s: argparse.Namespace) -> Callabl
         cfg.evaluation.period = {'interval': s.epochs}  # one evaluation, at the end
         cfg.train.checkpoint = {'period': {'interval': s.epochs}}  # one epoch_N.pth, at the end
         cfg.train.logging = {'interval': 1}
+        for dotted, value in s.set:  # --set KEY=VALUE: e.g. the previous defaults, for comparison
+            node = cfg
+            *parents, last = dotted.split('.')
+            for k in parents:
+                if k not in node or node[k] is None:
+                    node[k] = {}
+                node = node[k]
+            node[last] = value
         return cfg
     return cfg_modify_fn
 
@@ -209,9 +268,10 @@ def run_one(method: str, lr: float, seed: int, s: argparse.Namespace, train_dir:
         json.dump(base_configuration(s.weights, s.img_size), f, indent=2)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    curve = CurveHook(train_dir, test_dir, s.curves) if s.curves else None
     trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
         model=model_dir, work_dir=work_dir, train_dataset=train_dir, eval_dataset=test_dir,
-        cfg_modify_fn=make_cfg_modify_fn(method, lr, s), seed=seed))
+        cfg_modify_fn=make_cfg_modify_fn(method, lr, s), seed=seed, callbacks=[curve] if curve else None))
     t1 = time.perf_counter()
     trainer.train()
     t2 = time.perf_counter()
@@ -239,15 +299,74 @@ def run_one(method: str, lr: float, seed: int, s: argparse.Namespace, train_dir:
         'first_loss': losses[0] if losses else None, 'last_loss': losses[-1] if losses else None,
         'min_loss': min(losses) if losses else None, 'nan': any(not np.isfinite(v) for v in losses),
         'command': f'python benchmarks/accuracy.py --methods {method} --lrs {lr:g} --seeds {seed}'
+                   + (f' --dataset {s.dataset}' if s.dataset != 'fashion-mnist' else '')
+                   + ''.join(f' --set {k}={json.dumps(v)}' for k, v in s.set)
+                   + (f' --tag {s.tag}' if s.tag else '')
+                   + (f' --curves {s.curves}' if s.curves else '')
                    + (f' --precision {s.precision}' if s.precision != 'fp32' else '')
                    + (f' --threads {s.threads}' if s.threads != 2 else '')
                    + (f' --img-size {s.img_size}' if s.img_size != 112 else '')
-                   + (f' --epochs {s.epochs}' if s.epochs != 15 else ''),
+                   + (f' --epochs {s.epochs}' if s.epochs != DATASET_DEFAULTS[s.dataset]['epochs'] else ''),
     }
+    if curve is not None:
+        entry['curve'] = curve.rows
     if not s.keep:
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)
     return entry
+
+
+def _hook_base():
+    from modelscope.trainers.hooks import Hook
+    return Hook
+
+
+class CurveHook(_hook_base()):
+    """``--curves``: after every epoch, the epoch's mean training loss and the model's accuracy on the training
+    images (eval transform) and on the test images, into ``rows`` (one dict per epoch). Reads no random numbers."""
+
+    def __init__(self, train_dir: str, test_dir: str, every: int = 1):
+        self.every = every
+        self.dirs = {'train': train_dir, 'test': test_dir}
+        self.rows: List[Dict[str, Any]] = []
+        self.losses: List[float] = []
+
+    def before_run(self, trainer):
+        import torch
+        from modelscope.utils.constant import ModeKeys
+        self.data = {}
+        for role, d in self.dirs.items():
+            ds = trainer.build_dataset(d, trainer.cfg, ModeKeys.EVAL, preprocessor=trainer.eval_preprocessor)
+            items = [ds[i] for i in range(len(ds))]
+            self.data[role] = (torch.stack([it['imgs'] for it in items]),
+                               torch.as_tensor([int(it['labels']) for it in items]))
+        self.rows.append(dict(epoch=0, loss=None, **self._accuracies(trainer)))
+
+    def after_train_iter(self, trainer):
+        self.losses.append(float(trainer.train_outputs['loss']))
+
+    def _accuracies(self, trainer):
+        import torch
+        model = trainer.model_unwrapped
+        was = model.training
+        model.eval()
+        out = {}
+        with torch.no_grad():
+            for role, (x, y) in self.data.items():
+                pred = torch.cat([model({'imgs': x[i:i + 64]})['labels'] for i in range(0, len(y), 64)])
+                out[f'{role}_acc'] = float((pred == y).float().mean())
+        model.train(was)
+        return out
+
+    def after_train_epoch(self, trainer):
+        loss = statistics.mean(self.losses) if self.losses else None
+        self.losses = []
+        epoch = trainer.epoch + 1
+        if epoch % self.every and epoch != trainer.max_epochs:
+            self.rows.append(dict(epoch=epoch, loss=loss))
+            return
+        self.rows.append(dict(epoch=epoch, loss=loss, **self._accuracies(trainer)))
+        print('curve ' + json.dumps(self.rows[-1]), flush=True)
 
 
 def lscpu() -> Dict[str, str]:
@@ -272,9 +391,12 @@ def machine_info(threads: int) -> Dict[str, Any]:
 
 
 def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
-    return {'backbone': 'DINOv2 ViT-S/14 (' + os.path.basename(s.weights) + ')', 'img_size': s.img_size,
+    from modelscope_utuning.training.defaults import DEFAULT_HEAD_LR, DEFAULTS
+    opt = DEFAULTS['train']['optimizer']
+    return {'dataset': s.dataset, 'tag': s.tag, 'overrides': {k: v for k, v in s.set},
+            'backbone': 'DINOv2 ViT-S/14 (' + os.path.basename(s.weights) + ')', 'img_size': s.img_size,
             'shots': s.shots, 'test_per_class': s.test_per_class, 'epochs': s.epochs, 'batch': s.batch,
-            'optimizer': 'AdamW (trainer default), weight decay 1e-4', 'head_lr': 'trainer default: max(lr, 1e-2)',
+            'optimizer': f'trainer default: {json.dumps(opt)}', 'head_lr': f'trainer default: max(lr, {DEFAULT_HEAD_LR:g})',
             'schedule': f'cosine by epoch, T_max={s.epochs}; trainer warm-up over the first 10% of the steps',
             'precision': s.precision, 'tuner_size': TUNER_SIZE,
             'train_aug': f'RandomResizedCrop({s.img_size}, scale 0.75-1, ratio 0.9-1.1) + hflip 0.5',
@@ -289,7 +411,10 @@ def load_results(path: str) -> Dict[str, Any]:
 
 
 def key_of(settings: Dict[str, Any]) -> str:
-    return f'{settings["img_size"]}px-{settings["precision"]}-{settings["epochs"]}ep'
+    key = f'{settings["img_size"]}px-{settings["precision"]}-{settings["epochs"]}ep'
+    if settings.get('dataset', 'fashion-mnist') != 'fashion-mnist':
+        key = f'{settings["dataset"]}-{key}'
+    return key + (f'-{settings["tag"]}' if settings.get('tag') else '')
 
 
 def summarize(runs: List[Dict[str, Any]], seeds: List[int]) -> List[Dict[str, Any]]:
@@ -339,7 +464,8 @@ def markdown_table(summary: List[Dict[str, Any]], seeds: List[int]) -> str:
     return '\n'.join(lines)
 
 
-def update_readme(table: str, path: str = README, start: str = TABLE_START, end: str = TABLE_END) -> None:
+def update_readme(table: str, path: str = README, start: str = TABLE_START, end: str = TABLE_END,
+                  section: str = SECTION) -> None:
     """Put ``table`` between the markers, creating the section (or the file) when missing; other sections are
     left as they are."""
     block = f'{start}\n{table}\n{end}'
@@ -348,10 +474,10 @@ def update_readme(table: str, path: str = README, start: str = TABLE_START, end:
         head, rest = text.split(start, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
-        if SECTION not in text:
-            text = text.rstrip('\n') + f'\n\n{SECTION}\n\n'
-        head, tail = text.split(SECTION, 1)
-        text = head + SECTION + '\n\n' + block + '\n' + tail.lstrip('\n')
+        if section not in text:
+            text = text.rstrip('\n') + f'\n\n{section}\n\n'
+        head, tail = text.split(section, 1)
+        text = head + section + '\n\n' + block + '\n' + tail.lstrip('\n')
     with open(path, 'w') as f:
         f.write(text)
 
@@ -361,8 +487,9 @@ def render(doc: Dict[str, Any], readme: bool = True) -> None:
         seeds = sorted({r['seed'] for r in part['runs']})
         part['summary'] = summarize(part['runs'], seeds)
         if readme:
+            colour = part['settings'].get('dataset') == 'colour'
             update_readme(markdown_table(part['summary'], seeds), start=f'<!-- accuracy-table:{key}:start -->',
-                          end=f'<!-- accuracy-table:{key}:end -->')
+                          end=f'<!-- accuracy-table:{key}:end -->', section=COLOUR_SECTION if colour else SECTION)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -372,21 +499,42 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help='each seed draws its own few-shot split and test set and seeds the trainer')
     ap.add_argument('--lrs', nargs='+', type=float, default=TUNER_LRS, help='tuner methods and the linear probe')
     ap.add_argument('--full-lrs', nargs='+', type=float, default=FULL_LRS, help='full fine-tuning (backbone)')
-    ap.add_argument('--epochs', type=int, default=15)
-    ap.add_argument('--shots', type=int, default=10, help='training images per class')
-    ap.add_argument('--test-per-class', type=int, default=50)
+    ap.add_argument('--dataset', default='fashion-mnist', choices=list(DATASET_DEFAULTS),
+                    help='colour: 10 classes of real colour photos / drawings (Tux Paint stamps, made at run time by '
+                         '../shared/tools/colour_objects.py; needs tuxpaint-stamps-default): --shots per class drawn '
+                         'with the seed, every other image of the class is the test set')
+    ap.add_argument('--colour-dir', help='an existing output of colour_objects.py (default: made in the scratch '
+                                         'folder)')
+    ap.add_argument('--epochs', type=int, help='default: 15 (fashion-mnist), 20 (colour)')
+    ap.add_argument('--shots', type=int, help='training images per class; default 10 (fashion-mnist), 5 (colour)')
+    ap.add_argument('--test-per-class', type=int, help='fashion-mnist: default 50')
     ap.add_argument('--img-size', type=int, default=112)
-    ap.add_argument('--batch', type=int, default=25, help='25: four equal steps per epoch at 10 shots')
+    ap.add_argument('--batch', type=int, help='default 25 (fashion-mnist: four equal steps per epoch at 10 shots), '
+                                              '10 (colour)')
+    ap.add_argument('--set', action='append', default=[], type=_key_value, metavar='KEY=JSON',
+                    help='set a configuration key in cfg_modify_fn after everything else (e.g. the previous '
+                         'defaults: --set train.tuner_schedule=null); results go under a settings key of their own '
+                         'only with --tag')
+    ap.add_argument('--tag', default='', help='suffix of the settings key (keeps these runs apart in --out and the '
+                                              'README)')
+    ap.add_argument('--curves', type=int, nargs='?', const=1, default=0, metavar='EVERY',
+                    help='per-epoch train loss, and every EVERY epochs (default 1) train and test accuracy (costs '
+                         'one extra forward pass of both sets each time)')
     ap.add_argument('--precision', default='fp32', choices=['fp32', 'bf16', 'auto'])
     ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--weights', default=DEFAULT_WEIGHTS)
     ap.add_argument('--data', default=DEFAULT_DATA)
-    ap.add_argument('--out', default=DEFAULT_OUT)
+    ap.add_argument('--out', help='default: results/accuracy_sweep.json (fashion-mnist), results/accuracy_colour.json '
+                                  '(colour)')
     ap.add_argument('--readme', action=argparse.BooleanOptionalAction, default=True,
                     help='update the tables in benchmarks/README.md')
     ap.add_argument('--keep', action='store_true', help='keep model / work dirs (under the temp folder)')
     ap.add_argument('--render-only', action='store_true', help='only rewrite the README tables from --out')
     s = ap.parse_args(argv)
+    for k, v in DATASET_DEFAULTS[s.dataset].items():
+        if getattr(s, k) is None:
+            setattr(s, k, v)
+    s.out = s.out or (COLOUR_OUT if s.dataset == 'colour' else DEFAULT_OUT)
     doc = load_results(s.out)
     if s.render_only:
         render(doc, s.readme)
@@ -400,15 +548,21 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                               'version; skipped', flush=True)]
     settings = settings_of(s)
     key = key_of(settings)
-    data = load_fashion_mnist(s.data)
     scratch = tempfile.mkdtemp(prefix='utuning_acc_')
     print(f'scratch folder {scratch}; settings {json.dumps(settings)}', flush=True)
     try:
+        if s.dataset == 'colour':
+            pool = colour_pool(s.colour_dir or make_colour_pool(scratch))
+        else:
+            data = load_fashion_mnist(s.data)
         for seed in s.seeds:
-            train_idx = sample_per_class(data['train'][1], s.shots, seed)
-            test_idx = sample_per_class(data['test'][1], s.test_per_class, 10_000 + seed)
-            train_dir = write_split(*data['train'], train_idx, os.path.join(scratch, f'data_s{seed}', 'train'))
-            test_dir = write_split(*data['test'], test_idx, os.path.join(scratch, f'data_s{seed}', 'test'))
+            if s.dataset == 'colour':
+                train_dir, test_dir = write_colour_split(pool, s.shots, seed, os.path.join(scratch, f'data_s{seed}'))
+            else:
+                train_idx = sample_per_class(data['train'][1], s.shots, seed)
+                test_idx = sample_per_class(data['test'][1], s.test_per_class, 10_000 + seed)
+                train_dir = write_split(*data['train'], train_idx, os.path.join(scratch, f'data_s{seed}', 'train'))
+                test_dir = write_split(*data['test'], test_idx, os.path.join(scratch, f'data_s{seed}', 'test'))
             for method in methods:
                 for lr in (s.full_lrs if method == 'full' else s.lrs):
                     print(f'=== {method} lr {lr:g} seed {seed} ({datetime.datetime.now():%H:%M:%S})', flush=True)
@@ -421,6 +575,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not s.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition('=')
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=JSON')
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def record(s: argparse.Namespace, key: str, settings: Dict[str, Any], entry: Dict[str, Any]) -> None:
