@@ -8,8 +8,8 @@ function):
 2. ``tuners``: the tuner protocol, registry and kinds.
 3. ``checkpoint``: file formats (hub layout, tuner-only files, converters, merge, the load report).
 4. ``head``, ``backbone_config``, ``network``: the plain-torch classifier.
-5. the ModelScope glue: ``compat``, ``registration``, ``model``, ``pipeline``, ``preprocessing``, ``data``,
-   ``training``, ``deploy`` (ONNX export, the web demo), ``segmentation`` (the dense task on the same network,
+5. the ModelScope glue: ``compat``, ``location`` (local folder or hub id, named before any download),
+   ``registration``, ``model``, ``pipeline``, ``preprocessing``, ``data``, ``training``, ``deploy`` (ONNX export, the web demo), ``segmentation`` (the dense task on the same network,
    with its model, pipeline, trainer and metric).
 6. the entry points: ``cli``, ``demo``, the package itself.
 """
@@ -22,7 +22,7 @@ from modelscope_utuning.tuners import tuner_kinds
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'modelscope_utuning')
 LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',), ('head', 'backbone_config', 'network'),
-          ('compat', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
+          ('compat', 'location', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
            'deploy', 'segmentation'),
           ('cli', 'demo', 'demo_segmentation', '__main__', '__init__')]
 
@@ -91,7 +91,7 @@ def _string_constants(path: str):
 # Where a kind's name may appear outside its own file, and why.
 ALLOWED = {('modelscope_utuning.model', 'lora'): 'merge_lora() / has_lora() are LoRA by name (public API)',
            ('modelscope_utuning.cli', 'lora'): '--merge-lora names its kind'}
-USERS = ('modelscope_utuning.demo',)  # writes a configuration: uses tuners, knows nothing about them
+USERS = ('modelscope_utuning.demo', 'modelscope_utuning.demo_segmentation')  # write configurations: use tuners only
 
 
 def test_kind_names_and_legacy_keys_live_in_their_own_file():

@@ -10,7 +10,9 @@ SCRIPT = textwrap.dedent('''
     from modelscope_utuning.registration import ENTRIES
 
     lazy = ['modelscope_utuning.pipeline', 'modelscope_utuning.training.trainer', 'modelscope_utuning.training.metrics',
-            'modelscope_utuning.preprocessing.preprocessor', 'modelscope.pipelines.builder', 'modelscope.trainers.builder']
+            'modelscope_utuning.preprocessing.preprocessor', 'modelscope_utuning.segmentation.pipeline',
+            'modelscope_utuning.segmentation.trainer', 'modelscope_utuning.segmentation.metrics',
+            'modelscope.pipelines.builder', 'modelscope.trainers.builder']
     print('loaded after import:', [m for m in lazy if m in sys.modules])
 
     from modelscope.metrics.builder import build_metric
@@ -34,6 +36,8 @@ def test_import_is_light_and_builders_load_our_classes():
     assert lines[0] == 'loaded after import: []'
     assert lines[1] == 'metric: modelscope_utuning.training.metrics'
     built = [line for line in lines if line.startswith('built:')]
-    assert built == [f'built: {r} True' for r in ('models', 'models', 'pipelines', 'pipelines', 'preprocessors',
-                                                  'trainers', 'metrics')]
+    # classification, then segmentation (the same registries in the same order)
+    per_task = ('models', 'models', 'pipelines', 'pipelines', 'preprocessors', 'trainers', 'metrics')
+    segmentation = ('models', 'pipelines', 'pipelines', 'preprocessors', 'trainers', 'metrics')
+    assert built == [f'built: {r} True' for r in per_task + segmentation]
     assert lines[-1] == 'builtin imported: False'
