@@ -226,3 +226,55 @@ def test_merged_lora_runs_the_plain_path_with_the_same_outputs():
     assert not [n for n, _ in merged.named_modules() if n.endswith('_lora')]
     with torch.no_grad():
         torch.testing.assert_close(merged({'imgs': x})['scores'], ref, atol=1e-5, rtol=0)
+
+
+
+def _scales(model):
+    from modelscope_utuning.tuners.scale import Scale
+    return [m for m in model.modules() if isinstance(m, Scale)]
+
+
+def _logits_grads_and_saved_bytes(model, x, y):
+    """One training step's logits, trainable gradients and the bytes it saves for backward (parameters out)."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, alive = 0, []
+
+    def pack(t):
+        nonlocal saved
+        alive.append(t)
+        if t.untyped_storage().data_ptr() not in weights:
+            saved += t.numel() * t.element_size()
+        return t
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model.model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    return logits.detach(), trainable_grads(model), saved
+
+
+@pytest.mark.parametrize('scale', ['channel', 'scalar', 'input'])
+@pytest.mark.parametrize('bypass', [False, True])
+def test_scaled_projections_are_recomputed_in_backward(scale, bypass):
+    """Adapters and the vertical tuner hold their bottleneck (B, N, r) for the backward pass instead of their
+    branch (B, N, C): same logits and gradients as the plain product s * up(a) (which the Scale modules take in
+    eval mode), one (B, N, C) tensor less per tuner held (the input-dependent scale keeps the plain product)."""
+    tuners = [dict(t, scale=scale) if t['type'] == 'adapter' else t for t in TRI]
+    tuners += [{'type': 'vertical', 'dim': 4}] if bypass else []
+    model = tiny(tuners, bypass=bypass, global_pool='avg')  # every row read (as by a segmentation head)
+    randomize_tuners_(model)
+    model.train()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 4, 2])
+    _logits_grads_and_saved_bytes(model, x, y)  # the first step times the attention kernels (backbone/kernels.py)
+    logits, grads, saved = _logits_grads_and_saved_bytes(model, x, y)
+    for s in _scales(model):
+        s.eval()
+    ref_logits, ref_grads, ref_saved = _logits_grads_and_saved_bytes(model, x, y)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=0)
+    assert grads.keys() == ref_grads.keys() and any('adapter' in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    branch_bytes = 3 * (16 + 1) * 32 * 4  # one (B, N, C) fp32 branch
+    adapters = 2 * 3 if scale != 'input' else 0  # two per layer, 3 layers
+    verticals = 3 - 1 if bypass else 0  # the side stream is carried from one layer to the next
+    assert ref_saved - saved == (adapters + verticals) * branch_bytes

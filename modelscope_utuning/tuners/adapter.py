@@ -86,7 +86,14 @@ class Adapter(ParallelTuner):
 
     def branch(self, ctx: OpContext) -> torch.Tensor:
         u = self.adapt(ctx.h)
-        return u if self.join == 'absolute' else u * (1.0 / self.size)
+        return u if self.join == 'absolute' else u * self._branch_factor()
+
+    def _branch_factor(self) -> float:
+        return 1.0 if self.join == 'absolute' else 1.0 / self.size
+
+    def scaled_branch(self, ctx: OpContext) -> torch.Tensor:
+        """``s * branch``, holding the bottleneck activation rather than the branch for the backward pass."""
+        return self.scale.of_projection(ctx.h, self.act(self.down(ctx.h)), self.up, self._branch_factor())
 
     def combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
         """``h``: the OP input, ``y = OP(h)``; both (B, n, C). Returns ``OP'(h)``."""

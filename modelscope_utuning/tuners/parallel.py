@@ -80,8 +80,12 @@ class ParallelTuner(Tuner):
         """``U(h)`` (B, n, C)."""
         raise NotImplementedError
 
+    def scaled_branch(self, ctx: OpContext) -> torch.Tensor:
+        """``s(h) * U(h)`` (B, n, C); a kind whose branch ends in a projection may compute it more cheaply."""
+        return self.scale(ctx.h, self.branch(ctx))
+
     def delta(self, ctx: OpContext) -> torch.Tensor:
-        d = self.scale(ctx.h, self.branch(ctx))
+        d = self.scaled_branch(ctx)
         if self.join == 'residual':
             return d * ctx.residual_rms()
         if self.join == 'layer_scale':

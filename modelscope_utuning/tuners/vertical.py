@@ -70,4 +70,4 @@ class Vertical(Tuner):
     def carry(self, side: torch.Tensor) -> torch.Tensor:
         rms = side.detach().float().pow(2).mean(-1, keepdim=True).add_(1e-12).sqrt_().to(side.dtype)
         z = side / rms
-        return side + rms * self.scale(z, self.up(self.act(self.down(z))))
+        return side + rms * self.scale.of_projection(z, self.act(self.down(z)), self.up)
