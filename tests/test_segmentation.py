@@ -51,7 +51,7 @@ def seg_model_dir(root, tuners=TRI, head=None, bypass=False, **backbone):
     return str(root)
 
 
-def trainer_for(model, work_dir, train, evaluation=None, epochs=12, lr=1e-2, extra=None):
+def trainer_for(model, work_dir, train, evaluation=None, epochs=12, lr=1e-2, extra=None, **kwargs):
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = K
         cfg.train.max_epochs = epochs
@@ -63,7 +63,8 @@ def trainer_for(model, work_dir, train, evaluation=None, epochs=12, lr=1e-2, ext
             extra(cfg)
         return cfg
     return build_trainer(name=SEG_TYPE, default_args=dict(model=model, work_dir=str(work_dir), train_dataset=train,
-                                                          eval_dataset=evaluation, cfg_modify_fn=cfg_modify_fn, seed=0))
+                                                          eval_dataset=evaluation, cfg_modify_fn=cfg_modify_fn, seed=0,
+                                                          **kwargs))
 
 
 @pytest.fixture(scope='module')
@@ -267,6 +268,89 @@ def test_sources_and_bad_masks_are_named(scenes, tmp_path):
         Image.fromarray(mask).save(bad / 'masks' / 'a.png')
         with pytest.raises(ValueError, match=pattern):
             trainer_for(seg_model_dir(tmp_path / 'model'), tmp_path / 'work', str(bad))
+
+
+def _eval_copy_with_broken_files(evaluation, root, n=7):
+    """The first n evaluation scenes copied to root, image 2 truncated and mask 4 truncated (in that order)."""
+    import shutil
+    for sub in ('images', 'masks'):
+        os.makedirs(os.path.join(root, sub))
+        for k in range(n):
+            shutil.copy(os.path.join(evaluation, sub, f'{k:04d}.png'), os.path.join(root, sub, f'{k:04d}.png'))
+    shutil.copy(os.path.join(evaluation, 'classes.txt'), root) if os.path.isfile(
+        os.path.join(evaluation, 'classes.txt')) else None
+    for sub, k in (('images', 2), ('masks', 4)):
+        path = os.path.join(root, sub, f'{k:04d}.png')
+        data = open(path, 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+    return [k for k in range(n) if k not in (2, 4)]
+
+
+def test_unreadable_images_and_masks_are_left_out_or_named(trained, scenes, tmp_path):
+    """train.on_bad_image=skip: an unreadable image or mask is left out of numerator and denominator alike
+    (evaluate() == the metric over pipeline() on the readable rows) and named; 'raise' names it at build time."""
+    _, out, _ = trained
+    _, evaluation = scenes
+    root = str(tmp_path / 'eval')
+    readable = _eval_copy_with_broken_files(evaluation, root)
+    with pytest.raises(ValueError, match=r"evaluation image .*0002\.png.* cannot be read"):
+        trainer_for(out, tmp_path / "w1", evaluation, root)
+    trainer = trainer_for(out, tmp_path / 'w2', evaluation, root,
+                          extra=lambda cfg: setattr(cfg.train, 'on_bad_image', 'skip'))
+    skipped = trainer.skipped_images['evaluation']
+    assert [os.path.relpath(p, root) for p in skipped] == ['images/0002.png', 'masks/0004.png']
+    assert len(trainer.eval_dataset) == len(readable)
+    result = trainer.evaluate()
+    p = pipeline(SEG_TASK, out, device='cpu')
+    confusion = torch.zeros(K, K, dtype=torch.long)
+    for k in readable:
+        mask = p(os.path.join(root, 'images', f'{k:04d}.png'))[OutputKeys.MASKS]
+        truth = np.asarray(Image.open(os.path.join(root, 'masks', f'{k:04d}.png')), dtype=np.int64)
+        confusion += confusion_matrix(torch.from_numpy(truth), torch.from_numpy(mask), K)
+    expected = scores(confusion, trainer.model_unwrapped.CLASSES)
+    for key, value in result.items():
+        assert expected[key] == pytest.approx(value, abs=1e-6), key
+
+
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_segmentation import trainer_for
+trainer = trainer_for({out!r}, {work!r}, {train!r}, {evaluation!r}, launcher='pytorch',
+                      extra=lambda cfg: setattr(cfg.train, 'on_bad_image', 'skip'))
+result = trainer.evaluate()
+with open(os.path.join({work!r}, 'rank%s.json' % os.environ['RANK']), 'w') as f:
+    json.dump([result, len(trainer.get_eval_data_loader().sampler)], f)
+"""
+
+
+def test_evaluate_on_two_ranks_counts_each_image_once(trained, scenes, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 5 readable evaluation scenes: each rank reports the mIoU of one process
+    over the same rows (no scene padded in twice, the unreadable ones left out on both)."""
+    import subprocess
+    import sys
+    trainer, out, _ = trained
+    _, evaluation = scenes
+    root = str(tmp_path / 'eval')
+    _eval_copy_with_broken_files(evaluation, root)
+    single = trainer_for(out, tmp_path / 'single', evaluation, root,
+                         extra=lambda cfg: setattr(cfg.train, 'on_bad_image', 'skip')).evaluate()
+    work = str(tmp_path / 'ddp')
+    os.makedirs(work)
+    script = tmp_path / 'ddp_eval.py'
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=out, work=work,
+                                        train=evaluation, evaluation=root))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                           '--master_port', '29547', str(script)], capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    ranks = [json.load(open(os.path.join(work, f'rank{r}.json'))) for r in (0, 1)]
+    assert ranks[0][1] + ranks[1][1] == 5  # every readable scene once over the two ranks
+    for result, _ in ranks:
+        assert set(result) == set(single)
+        for key, value in single.items():
+            assert result[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_caller_dataset_is_not_changed(scenes, tmp_path):

@@ -52,6 +52,15 @@ class SegmentationRowsDataset(Dataset):
         other.transform = transform
         return other
 
+    def without(self, indices: Sequence[int]) -> 'SegmentationRowsDataset':
+        """A copy without the rows at ``indices`` (this dataset unchanged)."""
+        drop = set(indices)
+        other = self.with_transform(self.transform)
+        other.rows = [row for i, row in enumerate(self.rows) if i not in drop]
+        if not other.rows:
+            raise ValueError(f'{self.source}: no readable rows left')
+        return other
+
     def image_paths(self) -> List[str]:
         return [str(row.get(IMAGE_PATH_KEY, row.get('image'))) for row in self.rows]
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from modelscope.metrics.base import Metric
 
-from ..registration import SEG_METRIC, register_class
+from ..registration import register_class
 from .network import IGNORE_INDEX, predict_masks
 
 

@@ -10,8 +10,7 @@ S is ``preprocessor.img_size`` (default ``model.backbone.img_size``); ``mean`` /
 """
 from __future__ import annotations
 
-import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -3,27 +3,31 @@ eval_dataset=..., cfg_modify_fn=...))``: the classifier's trainer (defaults, par
 exact resume, data-parallel evaluation, whole ``output/``) with segmentation's model, data, preprocessor, metric.
 
 Data: anything :func:`.data.load_segmentation_dataset` reads; masks are PNGs of class ids (255 = ignore), checked
-when the trainer is built (each mask read once: its size must be its image's, its ids below num_classes). Class
+when the trainer is built (each image and mask read once: a mask's size must be its image's, its ids below
+num_classes). ``train.on_bad_image: skip`` leaves out rows whose image or mask cannot be read at all (named in the
+log, ``trainer.skipped_images`` and the model card), as the classifier's trainer does. Class
 names: ``model.CLASSES`` of the configuration, else the data's ``classes.txt``, else ``class_<i>``; they are written
 to ``output/configuration.json``. The evaluation metric is ``vision-efficient-tuning-miou`` (mIoU, per-class IoU,
 pixel accuracy), computed on the masks at each image's own size, as the pipeline predicts them.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from modelscope.preprocessors.base import Preprocessor
 from modelscope.utils.constant import ModeKeys
-from PIL import Image
+from modelscope.utils.logger import get_logger
 
+from ..preprocessing.image_io import load_image
 from ..registration import SEG_METRIC, SEG_TASK, SEG_TYPE, register_class
 from ..training.trainer import VisionEfficientTuningTrainer
 from .data import SegmentationRowsDataset, collate, load_segmentation_dataset
 from .model import VisionEfficientTuningSegmentationModel
 from .network import IGNORE_INDEX
-from .preprocessor import SegmentationPreprocessor
-from .transforms import read_mask
+from .preprocessor import MASK_KEY, SegmentationPreprocessor
+from .transforms import MaskUnreadable, read_mask
+
+logger = get_logger()
 
 
 class SegmentationTrainer(VisionEfficientTuningTrainer):
@@ -61,9 +65,17 @@ class SegmentationTrainer(VisionEfficientTuningTrainer):
             return super(VisionEfficientTuningTrainer, self).build_dataset(datasets, model_cfg, mode,
                                                                            preprocessor=preprocessor, **kwargs)
         role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
+        on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
         ds = load_segmentation_dataset(datasets).with_transform(preprocessor)  # the caller's object unchanged
         model = self.model_unwrapped
-        check_masks(ds, model.head.num_classes, role)
+        unreadable = check_masks(ds, model.head.num_classes, role, skip_unreadable=on_error == 'skip')
+        if on_error == 'skip':
+            # as the classifier's trainer: rows the pipeline cannot read are left out of numerator and denominator
+            ds = ds.without([i for i, _ in unreadable])
+            self.skipped_images[role] = [path for _, path in unreadable]
+            if unreadable:
+                logger.warning(f'{ds.source}: {len(unreadable)} unreadable {role} image(s) or mask(s) left out '
+                               f'(train.on_bad_image=skip): {self.skipped_images[role][:10]}')
         if model.CLASSES is None or (mode == ModeKeys.TRAIN and ds.classes is not None and not model.head_loaded):
             n = model.head.num_classes
             names = list(ds.classes or [])[:n]
@@ -77,30 +89,37 @@ class SegmentationTrainer(VisionEfficientTuningTrainer):
             self.cfg.model.CLASSES = [str(c) for c in classes]
         return super().export_output()
 
-    def _data_description(self):
-        out = {}
-        for role, ds in (('train', self.train_dataset), ('eval', self.eval_dataset)):
-            if ds is not None:
-                out[role] = f'{os.path.basename(str(ds.source).rstrip("/")) or ds.source} ({len(ds)} images)'
-        return out
 
-
-def check_masks(ds: SegmentationRowsDataset, num_classes: int, role: str) -> None:
-    """Every mask readable, of its image's size, with ids in [0, num_classes) or 255: a ValueError naming the
-    first file that is not (read once, when the trainer is built)."""
+def check_masks(ds: SegmentationRowsDataset, num_classes: int, role: str,
+                skip_unreadable: bool = False) -> List[Tuple[int, str]]:
+    """Every image readable by the pipeline's reader, every mask readable, of its image's size, with ids in
+    [0, num_classes) or 255: a ValueError naming the first file that is not (each read once, when the trainer is
+    built). ``skip_unreadable``: an image or mask that cannot be read at all is returned as ``(row, path)``
+    instead (a mask of the wrong size or with wrong ids is still an error: it is readable, and wrong)."""
     import numpy as np
-    for image_path, mask_path in zip(ds.image_paths(), ds.mask_paths()):
+    unreadable = []
+    for index, (image_path, mask_path) in enumerate(zip(ds.image_paths(), ds.mask_paths())):
         try:
-            with Image.open(image_path) as im:
-                size = im.size
-        except (OSError, SyntaxError) as e:
+            # the preprocessor's own call: what fails here is what the pipeline could not read
+            size = load_image({k: v for k, v in ds.rows[index].items() if k != MASK_KEY}).size
+        except Exception as e:  # noqa: BLE001  (whatever the pipeline's reader cannot read)
+            if skip_unreadable:
+                unreadable.append((index, image_path))
+                continue
             raise ValueError(f'{ds.source}: {role} image {image_path!r} cannot be read: {e}') from e
-        mask = read_mask(mask_path, size)
+        try:
+            mask = read_mask(mask_path, size)
+        except MaskUnreadable:
+            if skip_unreadable:
+                unreadable.append((index, mask_path))
+                continue
+            raise
         ids = np.unique(mask)
         bad = [int(i) for i in ids if i != IGNORE_INDEX and not 0 <= i < num_classes]
         if bad:
             raise ValueError(f'{ds.source}: {role} mask {mask_path!r} holds class id(s) {bad[:8]}, but '
                              f'model.head.num_classes is {num_classes} (ids 0 .. {num_classes - 1}, 255 = ignore)')
+    return unreadable
 
 
 register_class(SegmentationTrainer)

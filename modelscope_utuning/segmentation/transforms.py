@@ -21,6 +21,13 @@ from PIL import Image
 IGNORE_INDEX = 255
 
 
+MASK_MODES = ('P', 'L', 'I', 'I;16', 'I;16B', 'I;16L', '1')
+
+
+class MaskUnreadable(ValueError):
+    """A mask file that cannot be read at all (missing, truncated, not an image)."""
+
+
 def read_mask(path: str, expected_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """A PNG (or any single-channel image) of class ids -> ``(H, W)`` int64; 255 means ignore.
 
@@ -28,14 +35,14 @@ def read_mask(path: str, expected_size: Optional[Tuple[int, int]] = None) -> np.
     (W, H): the image's size, which the mask must have. Errors name the file."""
     try:
         with Image.open(path) as opened:
-            mode = opened.mode
-            if mode not in ('P', 'L', 'I', 'I;16', 'I;16B', 'I;16L', '1'):
-                raise ValueError(f'mask {os.fspath(path)!r} is a {mode} image; expected one channel of class ids '
-                                 '(a palette or greyscale PNG)')
-            size = opened.size
-            array = np.asarray(opened if mode != '1' else opened.convert('L'), dtype=np.int64)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f'mask {os.fspath(path)!r} cannot be read: {type(e).__name__}: {e}') from e
+            mode, size = opened.mode, opened.size
+            array = np.asarray(opened if mode != '1' else opened.convert('L'), dtype=np.int64) \
+                if mode in MASK_MODES else None
+    except Exception as e:  # missing, truncated, not an image: Pillow raises assorted errors (OSError, struct.error)
+        raise MaskUnreadable(f'mask {os.fspath(path)!r} cannot be read: {type(e).__name__}: {e}') from e
+    if array is None:
+        raise ValueError(f'mask {os.fspath(path)!r} is a {mode} image; expected one channel of class ids '
+                         '(a palette or greyscale PNG)')
     if expected_size is not None and tuple(size) != tuple(expected_size):
         raise ValueError(f'mask {os.fspath(path)!r} is {size[0]}x{size[1]} but its image is '
                          f'{expected_size[0]}x{expected_size[1]}; a mask must have its image\'s size')

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numbers
 import inspect
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from .precision import PRECISIONS
 
