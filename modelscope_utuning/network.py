@@ -34,6 +34,10 @@ HEAD_ARGS = ('dim', 'num_classes', 'dropout_rate')
 NETWORK_POINTS = ('features',)  # network-level hook point: the pooled feature, with the images at hand
 
 
+# ModelScope's name for the built-in's head (hub configurations), and the plain one
+CLASSIFIER_HEAD_TYPES = (None, 'ClassifierHead', 'linear')
+
+
 class VisionEfficientTuning(nn.Module):
     """Backbone + tuners + head (see the module docstring).
 
@@ -82,7 +86,11 @@ class VisionEfficientTuning(nn.Module):
 
     def _head_args(self, head_cfg: Dict[str, Any]) -> Dict[str, Any]:
         head = dict(head_cfg or {})
-        head.pop('type', None)
+        kind = head.pop('type', None)
+        if kind not in CLASSIFIER_HEAD_TYPES:
+            raise ValueError(f'model.head.type={kind!r}: the classification head is a linear classifier, expected '
+                             f'one of {CLASSIFIER_HEAD_TYPES[1:]} (or no type); segmentation heads belong to model '
+                             'type vision-efficient-tuning-segmentation')
         unknown = set(head) - set(HEAD_ARGS)
         if unknown:
             raise ValueError(f'model.head: unknown key(s) {sorted(unknown)}; expected {HEAD_ARGS}')

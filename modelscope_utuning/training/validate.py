@@ -190,12 +190,26 @@ def _unknown_kwargs(key: str, given: Iterable[str], target: Callable, what: str,
             for k in bad]
 
 
+def _missing_required(key: str, given: Iterable[str], target: Callable, what: str,
+                      exclude: Iterable[str] = ()) -> List[str]:
+    """Options ``target`` requires (no default) that the section does not give: ModelScope would call it at
+    iteration 0 and fail with a TypeError there."""
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    required = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is p.empty and p.name not in {'self', *exclude}]
+    return [f'{key}.{name}: {what} needs this option (it has no default)' for name in required
+            if name not in set(given)]
+
+
 def _type_of(section: Any, key: str) -> Tuple[Optional[Any], List[str]]:
     if not isinstance(section, dict):
         return None, [f'{key}={section!r}: expected a mapping with a "type"']
     name = section.get('type')
     if name is None:
-        return None, []
+        return None, [f'{key}.type=None: expected a name'] if 'type' in section else []
     if not isinstance(name, str):
         return None, [f'{key}.type={name!r}: expected a name']
     return name, []
@@ -217,6 +231,7 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
         if cls is not None:
             given = [k for k in optimizer if k not in ('type', 'options') and k not in set(own_optimizer_keys)]
             problems += _unknown_kwargs('train.optimizer', given, cls.__init__, name, exclude=('params',))
+            problems += _missing_required('train.optimizer', given, cls.__init__, name, exclude=('params',))
         options = optimizer.get('options') if isinstance(optimizer, dict) else None
         if isinstance(options, dict):
             allowed = _parameters(OptimizerHook.__init__)[0] | _parameters(TorchAMPOptimizerHook.__init__)[0]
@@ -236,6 +251,8 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
             given = [k for k in scheduler if k not in ('type', 'options')]
             problems += _unknown_kwargs('train.lr_scheduler', given, cls.__init__, name,
                                         exclude=('optimizer', 'base_scheduler'))
+            problems += _missing_required('train.lr_scheduler', given, cls.__init__, name,
+                                          exclude=('optimizer', 'base_scheduler'))
         options = scheduler.get('options') if isinstance(scheduler, dict) else None
         if isinstance(options, dict):
             allowed = _parameters(LrSchedulerHook.__init__)[0] | {'by_epoch'}
@@ -263,7 +280,9 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
             problems.append(f'train.hooks[{i}].type={name!r}: not a hook ModelScope knows '
                             f'({_known("HOOKS", name)})')
         else:
-            problems += _unknown_kwargs(f'train.hooks[{i}]', [k for k in hook if k != 'type'], cls.__init__, name)
+            given = [k for k in hook if k != 'type']
+            problems += _unknown_kwargs(f'train.hooks[{i}]', given, cls.__init__, name)
+            problems += _missing_required(f'train.hooks[{i}]', given, cls.__init__, name)
     return problems
 
 
