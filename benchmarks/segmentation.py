@@ -133,6 +133,8 @@ def run_one(args) -> dict:
         c.train.dataloader.batch_size_per_gpu = args.batch
         c.train.amp = 'fp32'
         c.evaluation.period = {'interval': args.epochs}  # one evaluation, at the end
+        if args.cpu_allocator:
+            c.train.cpu_allocator = args.cpu_allocator
         if full:
             c.model.freeze_cfg = {'train_part': {'backbone': ['']}}
         return c
@@ -227,6 +229,8 @@ def main() -> int:
     ap.add_argument('--train-dir', help=argparse.SUPPRESS)
     ap.add_argument('--eval-dir', help=argparse.SUPPRESS)
     ap.add_argument('--render-only', action='store_true')
+    ap.add_argument('--cpu-allocator', choices=('default', 'lean'),
+                    help="train.cpu_allocator: 'lean' returns freed memory at once, so peak RSS tracks live tensors")
     ap.add_argument('--activations-only', action='store_true',
                     help='only measure what one training step saves for backward, per method (no training)')
     ap.add_argument('--readme', default=README, help='where the table goes (default benchmarks/README.md)')

@@ -59,7 +59,6 @@ def run(real_weights, root, tuners, train):
     return scores(confusion)
 
 
-@pytest.mark.slow
 def test_tri_tuner_segments_real_scenes_on_a_frozen_dinov2(real_weights, tmp_path):  # noqa: F811
     items, labels, names = shipped_items([0, 1, 7])
     train = write_scenes(str(tmp_path / 'scenes'), items, labels, names, 24, seed=0, size=SIZE)
