@@ -108,8 +108,7 @@ def test_finetune_like_modelscope(case, rows, tmp_path):
         cfg_modify_fn=seed_cfg_modify_fn(extra)))
     assert isinstance(trainer, VisionEfficientTuningTrainer)
     trainer.train()
-    result = trainer.evaluate()
-    assert 0.0 <= result['accuracy'] <= 1.0
+    result_accuracy = trainer.evaluate()['accuracy']
 
     files = os.listdir(work_dir)
     assert f'{trainer.timestamp}.log.json' in files
@@ -147,10 +146,15 @@ def test_finetune_like_modelscope(case, rows, tmp_path):
         got = reloaded({'imgs': imgs})['scores']
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert reloaded.CLASSES == CLASS_NAMES  # class names travelled from the dataset
-    result = pipeline('vision-efficient-tuning', output)(rows[1]['img_path:FILE'])
+    p = pipeline('vision-efficient-tuning', output)
+    result = p(rows[1]['img_path:FILE'])
     assert set(result['labels']) == set(CLASS_NAMES) and len(result['scores']) == NUM_CLASSES
+    # the reported accuracy is the pipeline's over the same evaluation rows, and the card shows it
+    top1 = [p(r['img_path:FILE'])['labels'][0] for r in rows[:6]]
+    expected = np.mean([label == CLASS_NAMES[r['label']] for label, r in zip(top1, rows[:6])])
+    assert result_accuracy == pytest.approx(expected)
     with open(os.path.join(output, 'README.md')) as f:
-        assert 'accuracy' in f.read()
+        assert f'| accuracy | {expected:.4f} |' in f.read()
 
 
 def test_evaluate_only_like_modelscope(rows, tmp_path):
@@ -160,6 +164,12 @@ def test_evaluate_only_like_modelscope(rows, tmp_path):
         eval_dataset=[dict(r, label=r['label'] % 5) for r in rows]))
     result = trainer.evaluate()
     assert set(result) == {'accuracy'}
+    # the hub model's own head and class ids: the accuracy is its pipeline's over the same rows
+    p = pipeline('vision-efficient-tuning', os.path.join(FIXTURES, 'adapter'))
+    classes = trainer.model_unwrapped.CLASSES
+    top1 = [p(r['img_path:FILE'])['labels'][0] for r in rows]
+    assert result['accuracy'] == pytest.approx(np.mean([classes.index(t) == r['label'] % 5
+                                                        for t, r in zip(top1, rows)]))
 
 
 def test_training_options(rows, tmp_path):

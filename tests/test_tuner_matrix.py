@@ -201,11 +201,27 @@ def test_mergeable_kinds_merge_exactly(row):
                                  in tuner_class(p.values[0].entry['type']).bypass_forms
                                  and not p.values[0].backbone])
 def test_bypass_capable_kinds_train_beside_a_frozen_backbone(row):
-    """In bypass mode nothing of the backbone is in the autograd graph; the tuners and the head get gradients."""
+    """In bypass mode nothing of the backbone is in the autograd graph (no activation of a frozen MLP, (B, N, F),
+    is held for the backward pass, where standard U-Tuning of the same row holds some); the tuners and the head
+    get gradients."""
+    def step(model):
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        mlp_activations = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights and t.dim() >= 2 and t.shape[-1] == F_MLP:
+                mlp_activations.append(tuple(t.shape))
+            return t
+        randomize_trainable_(model)
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model({'imgs': images(), 'labels': torch.tensor([0, 2])})['loss']
+        loss.backward()
+        return mlp_activations
+
+    assert step(build(row)), 'standard U-Tuning holds frozen MLP activations: the probe below can see them'
     model = build(Row(row.entry, row.params, backbone={'bypass': True}))
-    randomize_trainable_(model)
-    model.train()
-    model({'imgs': images(), 'labels': torch.tensor([0, 2])})['loss'].backward()
+    assert step(model) == []
     for n, p in model.model.named_parameters():
         assert (p.grad is not None) == p.requires_grad, n
 
