@@ -30,13 +30,6 @@ class UnreadableImageError(ValueError):
         self.index = index
 
 
-def load_image(row: Dict[str, Any]):
-    """The row's image as an RGB ``PIL.Image`` (from ``img_path:FILE`` or ``image``), read exactly as the
-    pipeline reads images, so datasets and inference accept and refuse the same inputs."""
-    from ..preprocessing.image_io import load_image as load
-    return load(row)
-
-
 def _probe(row: Dict[str, Any], verify: bool = False) -> Optional[BaseException]:
     """None when the row's image decodes fully, else the error. ``verify`` adds PIL's structural check."""
     from PIL import Image

@@ -189,10 +189,6 @@ def legacy_keys() -> Tuple[str, ...]:
     return tuple(keys)
 
 
-def is_tuner(module: nn.Module) -> bool:
-    return isinstance(module, Tuner)
-
-
 def iter_tuners(root: nn.Module) -> Iterable[Tuple[str, Tuner]]:
     """``(qualified name, tuner)`` for every tuner module under ``root``."""
     for name, module in root.named_modules():
