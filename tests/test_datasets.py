@@ -11,7 +11,8 @@ from PIL import Image
 
 from modelscope_utuning.data import (PATH_KEY, ImageRowsDataset, UnreadableImageError, from_fgvc_json,
                                      from_hf_dataset, from_image_folder, from_manifest, from_msdataset, from_rows,
-                                     from_vtab_list, load_dataset_any, load_image, read_class_names)
+                                     from_vtab_list, load_dataset_any, read_class_names)
+from modelscope_utuning.preprocessing.image_io import load_image
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
