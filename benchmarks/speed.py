@@ -97,12 +97,33 @@ def load(impl: str, model_dir: str):
     return model
 
 
+def run_onnx(args) -> None:
+    """Inference of an ONNX export with onnxruntime (its configuration says fp32 or int8), same JSON line."""
+    from modelscope_utuning.deploy.onnx_export import OnnxClassifier
+    clf = OnnxClassifier(args.onnx_dir, threads=args.threads or None)
+    size = clf.config['model']['img_size']
+    x = torch.randn(args.batch, 3, *size).numpy()
+    for _ in range(1 + args.warmup):
+        clf.run(x)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        clf.run(x)
+    dt = (time.perf_counter() - t) / args.steps
+    print(json.dumps({'impl': 'onnx', 'mode': 'infer', 'precision': clf.config['onnx'].get('precision', 'fp32'),
+                      'batch': args.batch, 'img_per_s': round(args.batch / dt, 3), 's_per_step': round(dt, 3),
+                      'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+                      'gflops_achieved': round(args.batch / dt * 35.1, 1), 'threads': args.threads or None,
+                      'model_dir': args.onnx_dir, **_cpu()}))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--impl', choices=('ours', 'builtin'), required=True)
+    ap.add_argument('--impl', choices=('ours', 'builtin', 'onnx'), required=True)
     ap.add_argument('--model-dir', required=True)
     ap.add_argument('--mode', choices=('train', 'infer'), default='train')
-    ap.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32')
+    ap.add_argument('--precision', choices=('fp32', 'bf16', 'int8'), default='fp32',
+                    help="int8: ours, inference: the frozen linears as int8 products (pipeline precision='int8')")
+    ap.add_argument('--onnx-dir', help="--impl onnx: a folder written by 'modelscope-utuning export --onnx'")
     ap.add_argument('--batch', type=int, default=8)
     ap.add_argument('--steps', type=int, default=6)
     ap.add_argument('--warmup', type=int, default=2)
@@ -116,7 +137,14 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.impl == 'onnx':
+        return run_onnx(args)
     model = load(args.impl, args.model_dir)
+    if args.precision == 'int8':
+        if args.impl != 'ours' or args.mode != 'infer':
+            raise SystemExit('--precision int8 is our inference path (--impl ours --mode infer)')
+        from modelscope_utuning.backbone.linear import quantize_frozen_linears
+        quantize_frozen_linears(model)
     if args.merge_lora:
         from modelscope_utuning.model import merge_lora
         model = merge_lora(model)

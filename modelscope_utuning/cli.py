@@ -543,6 +543,8 @@ def cmd_export(args) -> int:
             raise CLIError(str(e)) from None
     if args.opset is not None and not args.onnx:
         raise CLIError('--opset goes with --onnx')
+    if args.int8 and not args.onnx:
+        raise CLIError('--int8 goes with --onnx (in Python: pipeline(..., precision=\'int8\'))')
     model_spec = resolve_model(args.model, allow_config=False)
     if args.base_weights and not os.path.isfile(args.base_weights):
         raise CLIError(f'--base-weights {args.base_weights!r}: no such file')
@@ -569,7 +571,7 @@ def cmd_export(args) -> int:
               "folder>), or modelscope_utuning.model_from_tuners(folder, pretrained_weights=<file>)")
         return 0
     if args.onnx:
-        return _export_onnx(model, out, args.opset)
+        return _export_onnx(model, out, args.opset, int8=args.int8)
     from .model import has_lora, merge_lora
     from .training.export import export_output
     if not has_lora(model):
@@ -582,9 +584,11 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _export_onnx(model, out: str, opset: Optional[int]) -> int:
+def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> int:
     model.eval()
     if model.model.head_layers_needed() is not None:  # a segmentation model
+        if int8:
+            raise CLIError('--int8 is for classification models for now; export the segmentation model in fp32')
         from .segmentation.onnx_export import export_segmentation_onnx, max_abs_difference as seg_difference
         result = export_segmentation_onnx(model, out, opset=opset)
         print(f'ONNX export: {result["onnx"]} (dynamic batch axis, logits at the patch grid); configuration.json '
@@ -609,6 +613,13 @@ def _export_onnx(model, out: str, opset: Optional[int]) -> int:
           + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
     if max(diffs.values()) > 1e-4:
         raise RuntimeError(f'the ONNX model differs from the torch model by {max(diffs.values()):.2e} (> 1e-4)')
+    if int8:
+        from .deploy.onnx_export import quantize_int8
+        q = quantize_int8(out)
+        diffs = max_abs_difference(model, out)
+        print(f'int8: {q["quantized"]} matrix products quantized, kept in fp32: {", ".join(q["kept_fp32"])}; '
+              'onnxruntime int8 vs torch fp32, max |difference| of scores and logits: '
+              + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
     print(f'run it: modelscope_utuning.deploy.onnx_export.OnnxClassifier({out!r})(image)')
     return 0
 
@@ -752,6 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument('--merge-lora', action='store_true')
     mode.add_argument('--onnx', action='store_true')
     p.add_argument('--opset', type=int, help='with --onnx: ONNX opset (default: the exporter\'s)')
+    p.add_argument('--int8', action='store_true',
+                   help='with --onnx: int8 weights for the matrix products (onnxruntime\'s dynamic quantizer; '
+                        'the head stays fp32)')
     p.add_argument('--base-weights', metavar='FILE',
                    help='with --tuner-only: record this frozen backbone file for model_from_tuners()')
     p.add_argument('--force', action='store_true', help='write into a non-empty folder')

@@ -30,6 +30,7 @@ logger = get_logger()
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_TOPK = 5
 CALL_ARGS = ('topk',)
+PRECISIONS = ('fp32', 'int8')
 _BUILD_LATER = object()  # stands in for the preprocessor until the model (and its folder) is known
 
 
@@ -37,6 +38,22 @@ def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f'{name}={value!r}: expected a positive integer')
     return int(value)
+
+
+def _check_precision(precision: Any) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
+
+
+def apply_precision(precision: str, models: List[Any], device: str) -> None:
+    """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only)."""
+    if precision != 'int8':
+        return
+    from .backbone.linear import quantize_frozen_linears
+    if not str(device).startswith('cpu') and torch.cuda.is_available():
+        raise ValueError(f"precision='int8' is the CPU path (PyTorch's int8 kernels); device={device!r}: use 'cpu'")
+    if sum(quantize_frozen_linears(m) for m in models) == 0:
+        raise ValueError("precision='int8': the model has no frozen backbone linear layer to run in int8")
 
 
 def _check_device(device: Any) -> str:
@@ -143,11 +160,14 @@ class VisionEfficientTuningPipeline(Pipeline):
         device: 'cpu', 'gpu', 'cuda', 'gpu:N', 'cuda:N' (the CPU when CUDA is unavailable).
         batch_size: images per forward for list inputs (also a call argument).
         topk: classes returned (also a call argument); capped at the class count.
+        precision: 'fp32' (default) or 'int8': the frozen backbone's linear layers as int8 products on the CPU
+            (:func:`~.backbone.linear.quantize_frozen_linears`; tuners, attention and head stay fp32).
     """
 
     def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
                  batch_size: int = DEFAULT_BATCH_SIZE, topk: int = DEFAULT_TOPK, backbone: Optional[str] = None,
-                 **kwargs):
+                 precision: str = 'fp32', **kwargs):
+        _check_precision(precision)
         device = _check_device(device)
         self.batch_size = _positive_int(batch_size, 'batch_size')
         self.topk = _positive_int(topk, 'topk')
@@ -178,6 +198,7 @@ class VisionEfficientTuningPipeline(Pipeline):
                              'fix preprocessor.img_size / resize in configuration.json')
         if getattr(self.preprocessor, 'mode', None) == ModeKeys.TRAIN:
             logger.warning('the pipeline preprocessor is in train mode: predictions use random augmentation')
+        apply_precision(precision, self.models if self.group is not None else [self.model], self.device_name)
 
     def _model_img_size(self) -> Optional[Tuple[int, int]]:
         patch_embed = getattr(getattr(self.model, 'backbone', None), 'patch_embed', None)

@@ -176,6 +176,43 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     return {'onnx': path, 'merged': merged, 'notes': notes, 'opset': opset_used}
 
 
+def quantize_int8(out_dir: str) -> Dict[str, Any]:
+    """Rewrite ``out_dir/model.onnx`` with int8 weights for its matrix products (ONNX Runtime's dynamic quantizer:
+    weights int8 per output channel, activations uint8 per call), the last product (the classification head)
+    left in fp32; ``configuration.json`` records ``onnx.precision: int8``. Returns ``{'quantized': n nodes,
+    'kept_fp32': [names]}``."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    path = os.path.join(out_dir, ONNX_FILE)
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    # products with a weight (the linears); activation x activation products (attention) stay fp32
+    products = [n.name for n in graph.node if n.op_type in ('MatMul', 'Gemm') and weights & set(n.input)]
+    keep = products[-1:]  # the head: few FLOPs, and the scores users read come straight out of it
+    tmp = path + '.int8.tmp'
+    # reduce_range (7-bit weights): x86 kernels without VNNI multiply u8 x s8 pairs into int16 sums that saturate
+    # at 8 bits (measured on the AMD EPYC: score errors up to 0.13 and top-1 flips on the fixtures, 0.02 without)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to run its shape pre-processing: not needed here
+    try:
+        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                         op_types_to_quantize=['MatMul', 'Gemm'], nodes_to_quantize=products[:-1])
+    finally:
+        root.setLevel(level)
+    os.replace(tmp, path)
+    cfg_path = os.path.join(out_dir, CONFIG_FILE)
+    cfg = read_json_object(cfg_path)
+    cfg['onnx']['precision'] = 'int8'
+    cfg['onnx']['notes'] = list(cfg['onnx'].get('notes') or []) + [
+        'int8: matrix products quantized by onnxruntime.quantization.quantize_dynamic (weights int8 per channel, '
+        'activations uint8 per call); the head kept in fp32']
+    write_text_atomic(cfg_path, json.dumps(cfg, indent=4) + '\n')
+    quantized = [n for n in onnx.load(path, load_external_data=False).graph.node
+                 if n.op_type in ('MatMulInteger', 'DynamicQuantizeMatMul', 'ConvInteger')]
+    return {'quantized': len(quantized), 'kept_fp32': keep}
+
+
 @contextlib.contextmanager
 def _quiet_registry_warnings():
     """The exporter logs one warning per torchvision op it cannot register when torchvision is absent (as it is
@@ -255,4 +292,4 @@ def max_abs_difference(model, folder: str, batch_sizes: Iterable[int] = (1, 3), 
 
 
 __all__ = ['ExportedClassifier', 'OnnxClassifier', 'describe_preprocessing', 'export_onnx', 'max_abs_difference',
-           'merged_copy', 'require_exporter', 'require_runtime']
+           'merged_copy', 'quantize_int8', 'require_exporter', 'require_runtime']

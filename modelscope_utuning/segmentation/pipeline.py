@@ -16,8 +16,8 @@ from modelscope.pipelines.base import Input, Pipeline
 from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement
 
-from ..pipeline import (_BUILD_LATER, DEFAULT_BATCH_SIZE, _check_device, _check_model_path, _positive_int,
-                        read_config_section)
+from ..pipeline import (_BUILD_LATER, DEFAULT_BATCH_SIZE, _check_device, _check_model_path, _check_precision,
+                        _positive_int, apply_precision, read_config_section)
 from ..preprocessing.image_io import ImageInputError
 from ..registration import register_class
 from .network import predict_masks
@@ -36,7 +36,8 @@ class SegmentationPipeline(Pipeline):
     """U-Tuning semantic segmentation (see the module docstring)."""
 
     def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
-                 batch_size: int = DEFAULT_BATCH_SIZE, **kwargs):
+                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = 'fp32', **kwargs):
+        _check_precision(precision)
         device = _check_device(device)
         self.batch_size = _positive_int(batch_size, 'batch_size')
         super().__init__(model=_check_model_path(model), device=device,
@@ -46,6 +47,7 @@ class SegmentationPipeline(Pipeline):
                    'model': {'backbone': {'img_size': self.model.backbone.patch_embed.img_size[0]}}}
             self.preprocessor = SegmentationPreprocessor.from_config(cfg, ModeKeys.INFERENCE)
         self.preprocessor.mode = ModeKeys.INFERENCE
+        apply_precision(precision, [self.model], self.device_name)
 
     def _get_framework(self) -> str:
         return Frameworks.torch

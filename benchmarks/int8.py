@@ -1,0 +1,172 @@
+"""int8 inference on a real backbone: top-1 agreement with fp32 and accuracy, torch and ONNX Runtime.
+
+    python benchmarks/int8.py                 # train once, then compare the four inference paths
+    python benchmarks/int8.py --render-only   # rewrite the README table from results/int8.jsonl
+
+A U-Tuning tri-tuner is trained once on DINOv2 ViT-S/14 (``--weights``, ``../shared/tools/real_backbone.py``) and
+Fashion-MNIST few-shot (``--shots`` per class from the official train split, seeded; Debian's
+``dataset-fashion-mnist``), through ``build_trainer`` with the trainer's defaults, as ``benchmarks/accuracy.py``
+does. Its ``output/`` is then run on ``--test-per-class`` x 10 test images by: ``pipeline()`` in fp32,
+``pipeline(precision='int8')``, and the ``export --onnx`` / ``export --onnx --int8`` folders in ONNX Runtime.
+Reported per path: accuracy and top-1 agreement with the fp32 pipeline, largest |score difference|. Speed of the
+same paths on ViT-B/16: ``benchmarks/speed.py --precision int8`` and ``--impl onnx`` (see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(HERE, 'README.md')
+DEFAULT_OUT = os.path.join(HERE, 'results', 'int8.jsonl')
+TABLE_START, TABLE_END = '<!-- int8-table:start -->', '<!-- int8-table:end -->'
+TRI = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 10},
+       {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 10},
+       {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 10}]
+PATHS = ('torch fp32', 'torch int8', 'onnxruntime fp32', 'onnxruntime int8')
+
+
+def train(args, root: str) -> tuple:
+    sys.path.insert(0, HERE)
+    import torch
+    torch.set_num_threads(args.threads)
+    from accuracy import CLASS_NAMES, base_configuration, load_fashion_mnist, sample_per_class, write_split
+    import modelscope_utuning  # noqa: F401  (registers the plugin)
+    from modelscope.metainfo import Trainers
+    from modelscope.trainers import build_trainer
+    fm = load_fashion_mnist(args.data)
+    train_dir = write_split(*fm['train'], sample_per_class(fm['train'][1], args.shots, args.seed),
+                            os.path.join(root, 'train'))
+    test_dir = write_split(*fm['test'], sample_per_class(fm['test'][1], args.test_per_class, args.seed),
+                           os.path.join(root, 'test'))
+    model_dir = os.path.join(root, 'model')
+    os.makedirs(model_dir)
+    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
+        json.dump(base_configuration(args.weights, args.img_size), f)
+
+    def cfg_modify_fn(cfg):
+        cfg.model.head.num_classes = len(CLASS_NAMES)
+        cfg.model.backbone.tuners = TRI
+        cfg.train.max_epochs = args.epochs
+        cfg.train.lr_scheduler.T_max = args.epochs
+        cfg.train.optimizer.lr = args.lr
+        cfg.train.dataloader.batch_size_per_gpu = 25
+        cfg.evaluation.period = {'interval': args.epochs}
+        return cfg
+    trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+        model=model_dir, work_dir=os.path.join(root, 'work'), train_dataset=train_dir, eval_dataset=test_dir,
+        cfg_modify_fn=cfg_modify_fn, seed=args.seed))
+    trainer.train()
+    return os.path.join(root, 'work', 'output'), test_dir
+
+
+def compare(output: str, test_dir: str, root: str, threads: int) -> list:
+    import torch
+    torch.set_num_threads(threads)
+    from modelscope.pipelines import pipeline
+    from modelscope_utuning.cli import main as cli
+    from modelscope_utuning.deploy.onnx_export import OnnxClassifier
+    files = sorted((os.path.join(test_dir, c, f), c) for c in sorted(os.listdir(test_dir))
+                   for f in sorted(os.listdir(os.path.join(test_dir, c))))
+    for name, flags in (('onnx_fp32', []), ('onnx_int8', ['--int8'])):
+        assert cli(['export', output, os.path.join(root, name), '--onnx'] + flags) == 0
+    runners = {'torch fp32': pipeline('vision-efficient-tuning', output, device='cpu'),
+               'torch int8': pipeline('vision-efficient-tuning', output, device='cpu', precision='int8'),
+               'onnxruntime fp32': OnnxClassifier(os.path.join(root, 'onnx_fp32'), threads=threads),
+               'onnxruntime int8': OnnxClassifier(os.path.join(root, 'onnx_int8'), threads=threads)}
+    answers = {}
+    for path, run in runners.items():
+        answers[path] = [run(f, topk=10) for f, _ in files]
+    truth = [c for _, c in files]
+    ref = answers['torch fp32']
+    rows = []
+    for path in PATHS:
+        got = answers[path]
+        scores = [max(abs(dict(zip(a['labels'], a['scores']))[k] - s) for k, s in zip(b['labels'], b['scores']))
+                  for a, b in zip(ref, got)]
+        rows.append({'path': path, 'images': len(files),
+                     'accuracy': float(np.mean([g['labels'][0] == t for g, t in zip(got, truth)])),
+                     'top1_agreement': float(np.mean([g['labels'][0] == r['labels'][0] for g, r in zip(got, ref)])),
+                     'max_score_diff': float(max(scores))})
+    return rows
+
+
+def lscpu() -> dict:
+    out = {}
+    text = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+    for line in text.splitlines():
+        key, _, value = line.partition(':')
+        if key.strip() == 'Model name':
+            out['model'] = value.strip()
+        if key.strip() == 'Flags':
+            out['flags'] = ' '.join(f for f in value.split() if f.startswith(('avx', 'amx', 'fma', 'f16c', 'vnni')))
+    return out
+
+
+def render(out_path: str, readme: str = README) -> None:
+    rows = [json.loads(line) for line in open(out_path) if line.strip()]
+    if not rows:
+        return
+    last = rows[-1]['settings']
+    lines = [TABLE_START, '',
+             f'DINOv2 ViT-S/14 + U-Tuning tri-tuner trained on Fashion-MNIST {last["shots"]}-shot at '
+             f'{last["img_size"]} px; {rows[-1]["images"]} test images; CPU: {rows[-1]["cpu"].get("model")} '
+             f'({rows[-1]["cpu"].get("flags")}).', '',
+             '| inference path | accuracy | top-1 agreement with fp32 | max \\|score difference\\| |',
+             '| --- | ---: | ---: | ---: |']
+    latest = {r['path']: r for r in rows}
+    for path in PATHS:
+        r = latest.get(path)
+        if r:
+            lines.append(f'| {path} | {100 * r["accuracy"]:.1f} % | {100 * r["top1_agreement"]:.1f} % | '
+                         f'{r["max_score_diff"]:.3f} |')
+    lines += ['', f'Command: `{rows[-1]["command"]}`.', '', TABLE_END]
+    text = open(readme).read()
+    block = '\n'.join(lines)
+    if TABLE_START in text:
+        text = text[:text.index(TABLE_START)] + block + text[text.index(TABLE_END) + len(TABLE_END):]
+    else:
+        text += '\n## int8 inference (real backbone)\n\n' + block + '\n'
+    with open(readme, 'w') as f:
+        f.write(text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--weights', default='/tmp/dinov2_vits14.safetensors')
+    ap.add_argument('--data', default='/usr/share/datasets/fashion-mnist')
+    ap.add_argument('--shots', type=int, default=10)
+    ap.add_argument('--test-per-class', type=int, default=50)
+    ap.add_argument('--img-size', type=int, default=112)
+    ap.add_argument('--epochs', type=int, default=15)
+    ap.add_argument('--lr', type=float, default=2e-3)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--threads', type=int, default=2)
+    ap.add_argument('--out', default=DEFAULT_OUT)
+    ap.add_argument('--render-only', action='store_true')
+    args = ap.parse_args()
+    if not args.render_only:
+        root = tempfile.mkdtemp(prefix='int8-bench-')
+        output, test_dir = train(args, root)
+        rows = compare(output, test_dir, root, args.threads)
+        settings = {k: getattr(args, k) for k in ('shots', 'test_per_class', 'img_size', 'epochs', 'lr', 'seed')}
+        import torch
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, 'a') as f:
+            for r in rows:
+                r.update(settings=settings, cpu=lscpu(), torch=torch.__version__,
+                         command='python benchmarks/int8.py ' + ' '.join(sys.argv[1:]))
+                f.write(json.dumps(r) + '\n')
+                print(json.dumps({k: r[k] for k in ('path', 'accuracy', 'top1_agreement', 'max_score_diff')}))
+    render(args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
