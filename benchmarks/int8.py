@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -126,7 +127,8 @@ def render(out_path: str, readme: str = README) -> None:
         if r:
             lines.append(f'| {path} | {100 * r["accuracy"]:.1f} % | {100 * r["top1_agreement"]:.1f} % | '
                          f'{r["max_score_diff"]:.3f} |')
-    lines += ['', f'Command: `{rows[-1]["command"]}`.', '', TABLE_END]
+    shown = re.sub(r' --out \S+', '', rows[-1]['command'])  # where it wrote: not part of the measurement
+    lines += ['', f'Command: `{shown}`.', '', TABLE_END]
     text = open(readme).read()
     block = '\n'.join(lines)
     if TABLE_START in text:
