@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the other benchmark scripts (accuracy.py: data, configuration, README tables)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'int8.jsonl')
 TABLE_START, TABLE_END = '<!-- int8-table:start -->', '<!-- int8-table:end -->'
@@ -34,7 +34,6 @@ PATHS = ('torch fp32', 'torch int8', 'onnxruntime fp32', 'onnxruntime int8')
 
 
 def train(args, root: str) -> tuple:
-    sys.path.insert(0, HERE)
     import torch
     torch.set_num_threads(args.threads)
     from accuracy import CLASS_NAMES, base_configuration, load_fashion_mnist, sample_per_class, write_split
@@ -99,15 +98,9 @@ def compare(output: str, test_dir: str, root: str, threads: int) -> list:
 
 
 def lscpu() -> dict:
-    out = {}
-    text = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-    for line in text.splitlines():
-        key, _, value = line.partition(':')
-        if key.strip() == 'Model name':
-            out['model'] = value.strip()
-        if key.strip() == 'Flags':
-            out['flags'] = ' '.join(f for f in value.split() if f.startswith(('avx', 'amx', 'fma', 'f16c', 'vnni')))
-    return out
+    from accuracy import lscpu as read_lscpu
+    cpu = read_lscpu()
+    return {'model': cpu.get('model_name', ''), 'flags': cpu.get('flags', '')}
 
 
 def render(out_path: str, readme: str = README) -> None:
@@ -115,7 +108,7 @@ def render(out_path: str, readme: str = README) -> None:
     if not rows:
         return
     last = rows[-1]['settings']
-    lines = [TABLE_START, '',
+    lines = ['',
              f'DINOv2 ViT-S/14 + U-Tuning tri-tuner trained on Fashion-MNIST {last["shots"]}-shot at '
              f'{last["img_size"]} px; {rows[-1]["images"]} test images; CPU: {rows[-1]["cpu"].get("model")} '
              f'({rows[-1]["cpu"].get("flags")}).', '',
@@ -128,15 +121,9 @@ def render(out_path: str, readme: str = README) -> None:
             lines.append(f'| {path} | {100 * r["accuracy"]:.1f} % | {100 * r["top1_agreement"]:.1f} % | '
                          f'{r["max_score_diff"]:.3f} |')
     shown = re.sub(r' --out \S+', '', rows[-1]['command'])  # where it wrote: not part of the measurement
-    lines += ['', f'Command: `{shown}`.', '', TABLE_END]
-    text = open(readme).read()
-    block = '\n'.join(lines)
-    if TABLE_START in text:
-        text = text[:text.index(TABLE_START)] + block + text[text.index(TABLE_END) + len(TABLE_END):]
-    else:
-        text += '\n## int8 inference (real backbone)\n\n' + block + '\n'
-    with open(readme, 'w') as f:
-        f.write(text)
+    lines += ['', f'Command: `{shown}`.', '']
+    from accuracy import update_readme
+    update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, '## int8 inference (real backbone)')
 
 
 def main() -> int:

@@ -49,19 +49,10 @@ METHODS = {
 
 
 def lscpu() -> dict:
-    out = {}
-    try:
-        text = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {'model': platform.processor()}
-    for line in text.splitlines():
-        key, _, value = line.partition(':')
-        if key.strip() == 'Model name':
-            out['model'] = value.strip()
-        if key.strip() == 'Flags':
-            flags = value.split()
-            out['flags'] = ' '.join(f for f in flags if f.startswith(('avx', 'amx', 'fma', 'f16c')))
-    return out
+    sys.path.insert(0, HERE)
+    from accuracy import lscpu as read_lscpu
+    cpu = read_lscpu()
+    return {'model': cpu.get('model_name') or platform.processor(), 'flags': cpu.get('flags', '')}
 
 
 def make_scenes(data: str, root: str, n_train: int, n_eval: int, size: int, seed: int):
@@ -177,7 +168,7 @@ def render(out_path: str, readme: str = README) -> None:
             if line.strip():
                 r = json.loads(line)
                 saved[r['method']] = r['saved_for_backward_mb']
-    lines = [TABLE_START, '',
+    lines = ['',
              f'DINOv2 ViT-S/14, composed scenes at {rows[-1]["size"]} px ({rows[-1]["n_train"]} training / '
              f'{rows[-1]["n_eval"]} evaluation scenes, 11 classes), {rows[-1]["epochs"]} epochs, batch 8, fp32, '
              f'{rows[-1]["threads"]} thread(s); CPU: {rows[-1]["cpu"].get("model")} ({rows[-1]["cpu"].get("flags")}).',
@@ -195,15 +186,11 @@ def render(out_path: str, readme: str = README) -> None:
                          f'{r["train_peak_increase_mb"]:.0f} MB | {_mb(saved.get(name, r.get("saved_for_backward_mb")))} |')
     shown = re.sub(r' --(out|readme) \S+', '', rows[-1]['command'])  # where it wrote: not part of the measurement
     lines += ['', f'Command: `{shown}` (each method in a process of its own); the last column: the same command '
-              'with `--activations-only`.', '', TABLE_END]
-    text = open(readme).read() if os.path.isfile(readme) else ''
-    block = '\n'.join(lines)
-    if TABLE_START in text:
-        text = text[:text.index(TABLE_START)] + block + text[text.index(TABLE_END) + len(TABLE_END):]
-    else:
-        text += '\n## Semantic segmentation (real backbone, composed scenes)\n\n' + block + '\n'
-    with open(readme, 'w') as f:
-        f.write(text)
+              'with `--activations-only`.', '']
+    sys.path.insert(0, HERE)
+    from accuracy import update_readme
+    update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END,
+                  '## Semantic segmentation (real backbone, composed scenes)')
 
 
 def _mb(value) -> str:
