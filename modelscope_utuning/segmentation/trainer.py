@@ -16,7 +16,6 @@ from typing import List, Optional, Tuple
 
 from modelscope.preprocessors.base import Preprocessor
 from modelscope.utils.constant import ModeKeys
-from modelscope.utils.logger import get_logger
 
 from ..preprocessing.image_io import load_image
 from ..registration import SEG_METRIC, SEG_TASK, SEG_TYPE, register_class
@@ -26,8 +25,6 @@ from .model import VisionEfficientTuningSegmentationModel
 from .network import IGNORE_INDEX
 from .preprocessor import MASK_KEY, SegmentationPreprocessor
 from .transforms import MaskUnreadable, read_mask
-
-logger = get_logger()
 
 
 class SegmentationTrainer(VisionEfficientTuningTrainer):
@@ -65,17 +62,14 @@ class SegmentationTrainer(VisionEfficientTuningTrainer):
             return super(VisionEfficientTuningTrainer, self).build_dataset(datasets, model_cfg, mode,
                                                                            preprocessor=preprocessor, **kwargs)
         role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
-        on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
+        on_error = self.on_bad_image(model_cfg)
         ds = load_segmentation_dataset(datasets).with_transform(preprocessor)  # the caller's object unchanged
         model = self.model_unwrapped
         unreadable = check_masks(ds, model.head.num_classes, role, skip_unreadable=on_error == 'skip')
         if on_error == 'skip':
             # as the classifier's trainer: rows the pipeline cannot read are left out of numerator and denominator
             ds = ds.without([i for i, _ in unreadable])
-            self.skipped_images[role] = [path for _, path in unreadable]
-            if unreadable:
-                logger.warning(f'{ds.source}: {len(unreadable)} unreadable {role} image(s) or mask(s) left out '
-                               f'(train.on_bad_image=skip): {self.skipped_images[role][:10]}')
+            self.record_skipped(ds.source, role, [path for _, path in unreadable], 'image(s) or mask(s)')
         if model.CLASSES is None or (mode == ModeKeys.TRAIN and ds.classes is not None and not model.head_loaded):
             n = model.head.num_classes
             names = list(ds.classes or [])[:n]

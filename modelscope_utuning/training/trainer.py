@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -186,12 +186,23 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         train.mode, val.mode = ModeKeys.TRAIN, ModeKeys.EVAL
         return train, val
 
+    def on_bad_image(self, model_cfg) -> str:
+        """'raise' or 'skip': the ``on_bad_image`` argument, else ``train.on_bad_image``, else 'raise'."""
+        return self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
+
+    def record_skipped(self, source: Any, role: str, paths: List[str], what: str) -> None:
+        """Keep the unreadable files left out of a dataset (``skipped_images``, the card) and name them in the log."""
+        self.skipped_images[role] = list(paths)
+        if paths:
+            logger.warning(f'{source}: {len(paths)} unreadable {role} {what} left out (train.on_bad_image=skip): '
+                           f'{paths[:10]}' + (' ...' if len(paths) > 10 else ''))
+
     def build_dataset(self, datasets, model_cfg, mode, preprocessor: Optional[Preprocessor] = None, **kwargs):
         if datasets is None:
             return super().build_dataset(datasets, model_cfg, mode, preprocessor=preprocessor, **kwargs)
         from ..data import load_dataset_any
         role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
-        on_error = self._on_bad_image_arg or model_cfg.safe_get('train.on_bad_image') or 'raise'
+        on_error = self.on_bad_image(model_cfg)
         # A copy with our transform and policy: the caller's dataset object is never changed (one object given as
         # both training and evaluation data must not train with the evaluation transform).
         ds = load_dataset_any(datasets).with_options(transform=preprocessor, on_error=on_error)
@@ -199,10 +210,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             # Unreadable rows are found now and left out of the dataset, so that a metric counts neither them nor
             # a stand-in for them: its numerator and denominator are those of pipeline() on the readable rows.
             ds, bad = ds.readable()
-            self.skipped_images[role] = bad
-            if bad:
-                logger.warning(f'{ds.source}: {len(bad)} unreadable {role} image(s) left out '
-                               f'(train.on_bad_image=skip): {bad[:10]}' + (' ...' if len(bad) > 10 else ''))
+            self.record_skipped(ds.source, role, bad, 'image(s)')
             ds = ds.with_options(on_error='raise')  # every row left is readable; a surprise later is an error
         model = self.model_unwrapped
         if not self._label_space_set:  # the training data when there is one (it is built first), else the model
