@@ -584,6 +584,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _report_difference(diffs: Dict[int, float], what: str, limit: Optional[float] = None) -> None:
+    """Print ``what: batch n: d, ...``; past ``limit`` the export is wrong: a RuntimeError."""
+    print(f'{what}: ' + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
+    worst = max(diffs.values())
+    if limit is not None and worst > limit:
+        raise RuntimeError(f'the ONNX model differs from the torch model by {worst:.2e} (> {limit:.0e})')
+
+
 def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> int:
     model.eval()
     if model.model.head_layers_needed() is not None:  # a segmentation model
@@ -593,11 +601,8 @@ def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> i
         result = export_segmentation_onnx(model, out, opset=opset)
         print(f'ONNX export: {result["onnx"]} (dynamic batch axis, logits at the patch grid); configuration.json '
               'and preprocessing.json (loading, resizing, upsampling and argmax) beside it')
-        diffs = seg_difference(model, out)
-        print('onnxruntime vs torch, max |difference| of the logits: '
-              + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
-        if max(diffs.values()) > 1e-4:
-            raise RuntimeError(f'the ONNX model differs from the torch model by {max(diffs.values()):.2e} (> 1e-4)')
+        _report_difference(seg_difference(model, out), 'onnxruntime vs torch, max |difference| of the logits',
+                           limit=1e-4)
         print(f'run it: modelscope_utuning.segmentation.onnx_export.OnnxSegmenter({out!r})(image)')
         return 0
     from .deploy.onnx_export import export_onnx, max_abs_difference
@@ -608,18 +613,15 @@ def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> i
         print(f'merged into the frozen weights first: {", ".join(result["merged"])}')
     for note in result['notes']:
         print(note)
-    diffs = max_abs_difference(model, out)
-    print('onnxruntime vs torch, max |difference| of scores and logits: '
-          + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
-    if max(diffs.values()) > 1e-4:
-        raise RuntimeError(f'the ONNX model differs from the torch model by {max(diffs.values()):.2e} (> 1e-4)')
+    _report_difference(max_abs_difference(model, out),
+                       'onnxruntime vs torch, max |difference| of scores and logits', limit=1e-4)
     if int8:
         from .deploy.onnx_export import quantize_int8
         q = quantize_int8(out)
-        diffs = max_abs_difference(model, out)
-        print(f'int8: {q["quantized"]} matrix products quantized, kept in fp32: {", ".join(q["kept_fp32"])}; '
-              'onnxruntime int8 vs torch fp32, max |difference| of scores and logits: '
-              + ', '.join(f'batch {n}: {d:.2e}' for n, d in diffs.items()))
+        _report_difference(max_abs_difference(model, out),
+                           f'int8: {q["quantized"]} matrix products quantized, kept in fp32: '
+                           f'{", ".join(q["kept_fp32"])}; onnxruntime int8 vs torch fp32, max |difference| of '
+                           'scores and logits')
     print(f'run it: modelscope_utuning.deploy.onnx_export.OnnxClassifier({out!r})(image)')
     return 0
 

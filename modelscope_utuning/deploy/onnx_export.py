@@ -146,16 +146,8 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
         net, merged, notes = copy.deepcopy(_network(model)).float().eval(), [], []
     wrapper = ExportedClassifier(net).eval()
     example = torch.randn(example_batch, 3, *img_size, generator=torch.Generator().manual_seed(0))
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ONNX_FILE)
-    kwargs = {} if opset is None else {'opset_version': int(opset)}
-    batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
-    with torch.no_grad(), _quiet_registry_warnings():
-        program = torch.onnx.export(wrapper, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, dynamo=True,
-                                    verbose=False, **kwargs)
-    program.save(path, external_data=False)
-    opset_used = _opset_of(program)
+    opset_used = export_graph(wrapper, example, path, list(OUTPUT_NAMES), opset)
 
     section = copy.deepcopy(full.get('preprocessor') or {'type': OUR_TYPE})
     if section.get('type') == OUR_TYPE:
@@ -174,6 +166,30 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     write_text_atomic(os.path.join(out_dir, CONFIG_FILE), json.dumps(out_cfg, indent=4) + '\n')
     write_text_atomic(os.path.join(out_dir, PREPROCESSING_FILE), json.dumps(preprocessing, indent=4) + '\n')
     return {'onnx': path, 'merged': merged, 'notes': notes, 'opset': opset_used}
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, path: str, output_names: List[str],
+                 opset: Optional[int] = None) -> Optional[int]:
+    """``module(imgs)`` -> one ONNX file at ``path`` (input ``imgs`` with a dynamic batch axis, dynamo exporter,
+    weights inside the file); returns the opset written."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    kwargs = {} if opset is None else {'opset_version': int(opset)}
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
+    with torch.no_grad(), _quiet_registry_warnings():
+        program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=output_names,
+                                    dynamic_shapes={INPUT_NAME: {0: batch}}, external_data=False, dynamo=True,
+                                    verbose=False, **kwargs)
+    program.save(path, external_data=False)
+    return _opset_of(program)
+
+
+def cpu_session(path: str, threads: Optional[int] = None):
+    """An onnxruntime CPU session on ``path`` (``threads``: intra-op threads, default onnxruntime's)."""
+    ort = require_runtime()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
 def quantize_int8(out_dir: str) -> Dict[str, Any]:
@@ -241,17 +257,13 @@ class OnnxClassifier:
     pipeline's)."""
 
     def __init__(self, folder: str, threads: Optional[int] = None):
-        ort = require_runtime()
+        require_runtime()
         self.folder = folder
         self.config = read_json_object(os.path.join(folder, CONFIG_FILE))
         if self.config.get('model', {}).get('type') != ONNX_MODEL_TYPE:
             raise ValueError(f'{folder!r} is not an ONNX export of modelscope-utuning (model.type is not '
                              f'{ONNX_MODEL_TYPE!r})')
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(os.path.join(folder, self.config['onnx']['file']), options,
-                                            providers=['CPUExecutionProvider'])
+        self.session = cpu_session(os.path.join(folder, self.config['onnx']['file']), threads)
         self.classes = self.config['model'].get('CLASSES')
         self.preprocessor = _inference_preprocessor(self.config, tuple(self.config['model']['img_size']))
 
@@ -291,5 +303,5 @@ def max_abs_difference(model, folder: str, batch_sizes: Iterable[int] = (1, 3), 
     return out
 
 
-__all__ = ['ExportedClassifier', 'OnnxClassifier', 'describe_preprocessing', 'export_onnx', 'max_abs_difference',
-           'merged_copy', 'quantize_int8', 'require_exporter', 'require_runtime']
+__all__ = ['ExportedClassifier', 'OnnxClassifier', 'cpu_session', 'describe_preprocessing', 'export_graph',
+           'export_onnx', 'max_abs_difference', 'merged_copy', 'quantize_int8', 'require_exporter', 'require_runtime']

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 from modelscope.utils.constant import ModeKeys
 
-from ..deploy.onnx_export import (BATCH_AXIS, CONFIG_FILE, INPUT_NAME, ONNX_FILE, PREPROCESSING_FILE,
-                                  _quiet_registry_warnings, merged_copy, require_exporter, require_runtime)
+from ..deploy.onnx_export import (BATCH_AXIS, CONFIG_FILE, INPUT_NAME, ONNX_FILE, PREPROCESSING_FILE, cpu_session,
+                                  export_graph, merged_copy, require_exporter, require_runtime)
 from ..fileio import read_json_object, write_text_atomic
 from ..preprocessing.description import SCHEMA, SCHEMA_VERSION, describe_loading
 from ..registration import SEG_TASK
@@ -76,15 +76,8 @@ def export_segmentation_onnx(model, out_dir: str, opset: Optional[int] = None, e
     classes = list(net0.CLASSES) if net0.CLASSES is not None else None
     net, merged, notes = merged_copy(model)
     example = torch.randn(example_batch, 3, s, s, generator=torch.Generator().manual_seed(0))
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, ONNX_FILE)
-    kwargs = {} if opset is None else {'opset_version': int(opset)}
-    batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
-    with torch.no_grad(), _quiet_registry_warnings():
-        program = torch.onnx.export(ExportedSegmenter(net).eval(), (example,), input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT], dynamic_shapes={INPUT_NAME: {0: batch}},
-                                    external_data=False, dynamo=True, verbose=False, **kwargs)
-    program.save(path, external_data=False)
+    export_graph(ExportedSegmenter(net).eval(), example, path, [OUTPUT], opset)
     grid = net.backbone.patch_embed.grid_size
     section = dict(full.get('preprocessor') or {}, img_size=s, type='vision-efficient-tuning-segmentation-preprocessor')
     from .. import __version__
@@ -108,15 +101,11 @@ class OnnxSegmenter:
     as ``pipeline('semantic-segmentation')`` answers; :meth:`run` on preprocessed batches."""
 
     def __init__(self, folder: str, threads: Optional[int] = None):
-        ort = require_runtime()
+        require_runtime()
         self.config = read_json_object(os.path.join(folder, CONFIG_FILE))
         if (self.config.get('model') or {}).get('type') != ONNX_SEG_TYPE:
             raise ValueError(f'{folder!r} is not a segmentation ONNX export (model.type is not {ONNX_SEG_TYPE!r})')
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(os.path.join(folder, ONNX_FILE), options,
-                                            providers=['CPUExecutionProvider'])
+        self.session = cpu_session(os.path.join(folder, ONNX_FILE), threads)
         self.classes = self.config['model'].get('CLASSES')
         self.preprocessor = SegmentationPreprocessor.from_config(copy.deepcopy(self.config), ModeKeys.INFERENCE)
 
