@@ -26,6 +26,8 @@ from typing import Any, List
 
 import torch
 
+from .warmup import count_or_fraction
+
 AUTO_FRACTION = 0.5
 
 
@@ -37,14 +39,8 @@ def probe_epochs(setting: Any, max_epochs: int, has_body: bool, head_loaded: boo
         if not has_body or head_loaded:
             return 0
         return int(math.floor(AUTO_FRACTION * max_epochs))
-    if isinstance(setting, bool) or not isinstance(setting, (int, float)) or setting < 0:
-        raise ValueError(f"train.probe_epochs={setting!r}: expected 'auto', 'none', a number of epochs (int >= 0) "
-                         'or a fraction of the epochs in (0, 1)')
-    if isinstance(setting, float) and not setting.is_integer():
-        if setting >= 1:
-            raise ValueError(f'train.probe_epochs={setting!r}: a fraction of the epochs must be in (0, 1)')
-        return int(math.floor(setting * max_epochs))
-    return min(int(setting), max_epochs)
+    value = count_or_fraction(setting, 'train.probe_epochs', 'epochs', 'the epochs')
+    return int(math.floor(value * max_epochs)) if isinstance(value, float) else min(value, max_epochs)
 
 
 def _hook_base():

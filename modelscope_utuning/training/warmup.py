@@ -19,7 +19,7 @@ fraction of the run in (0, 1), or ``none``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 START_RATIO = 0.1
 AUTO_FRACTION = 0.1
@@ -31,13 +31,20 @@ def warmup_iters(setting: Any, total_iters: int, has_own_warmup: bool) -> int:
         return 0 if has_own_warmup else max(1, math.ceil(AUTO_FRACTION * total_iters))
     if setting in ('none', False):
         return 0
+    value = count_or_fraction(setting, 'train.warmup', 'iterations', 'the run')
+    return max(1, math.ceil(value * total_iters)) if isinstance(value, float) else value
+
+
+def count_or_fraction(setting: Any, key: str, unit: str, whole: str) -> Union[int, float]:
+    """A setting that is a count (int >= 0, or a whole float) or a fraction in (0, 1): the int count or the
+    float fraction; a ValueError naming ``key`` otherwise ('auto' / 'none' are the caller's to handle first)."""
     if isinstance(setting, bool) or not isinstance(setting, (int, float)) or setting < 0:
-        raise ValueError(f"train.warmup={setting!r}: expected 'auto', 'none', a number of iterations (int >= 0) "
-                         'or a fraction of the run in (0, 1)')
+        raise ValueError(f"{key}={setting!r}: expected 'auto', 'none', a number of {unit} (int >= 0) "
+                         f'or a fraction of {whole} in (0, 1)')
     if isinstance(setting, float) and not setting.is_integer():
         if setting >= 1:
-            raise ValueError(f'train.warmup={setting!r}: a fraction of the run must be in (0, 1)')
-        return max(1, math.ceil(setting * total_iters))
+            raise ValueError(f'{key}={setting!r}: a fraction of {whole} must be in (0, 1)')
+        return setting
     return int(setting)
 
 
