@@ -13,7 +13,7 @@ that
 - folders whose backbone differs load on their own (no sharing, still correct).
 
 Forward: tasks in bypass mode that share a backbone (and a preprocessing) get one frozen forward per batch, and each
-task's tuners add their side stream to it (:func:`~.backbone.runner.forward_bypass_many`); other tasks run their own
+task's tuners add their side stream to it (:func:`~.backbone.bypass.forward_bypass`); other tasks run their own
 tuned forward over the shared weights. Each task's scores are those of its own single-model pipeline.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbone.runner import forward_bypass_many
+from .backbone.bypass import forward_bypass
 from .checkpoint import tuner_only
 from .checkpoint.hub_layout import CHECKPOINT_FILE
 from .fileio import read_json_object
@@ -234,7 +234,7 @@ def _bypass_logits(nets: List[VisionEfficientTuning], images: torch.Tensor) -> L
     layers = sorted({i for n in nets for i in (n.head_layers_needed() or [])})
     if not layers:  # classifiers only: the last block finishes just the class token when that is all they read
         token_pool = vit.global_pool == 'token'
-        tokens = forward_bypass_many(vit, vit.embed(images), [n.backbone for n in nets], class_token_only=token_pool)
+        tokens = forward_bypass(vit, images, [n.backbone for n in nets], class_token_only=token_pool)
         return [n.logits_from_tokens(t, {}, images) for n, t in zip(nets, tokens)]
-    results = forward_bypass_many(vit, vit.embed(images), [n.backbone for n in nets], layers=layers)
+    results = forward_bypass(vit, images, [n.backbone for n in nets], layers=layers)
     return [n.logits_from_tokens(final, dict(zip(layers, levels)), images) for n, (final, levels) in zip(nets, results)]

@@ -4,7 +4,7 @@ Layers, lowest first (a module may import its own layer and those below it, neve
 function):
 
 0. ``fileio``, ``extras``: file helpers; optional dependencies (import one or name the extra that installs it).
-1. ``backbone``: the frozen ViT, its hook contract, the runner.
+1. ``backbone``: the frozen ViT, its blocks and hook contract, bypass mode and its feature cache.
 2. ``tuners``: the tuner protocol, registry and kinds.
 3. ``checkpoint``: file formats (hub layout, tuner-only files, converters, merge, the load report).
 4. ``head``, ``backbone_config``, ``network``: the plain-torch classifier.
@@ -89,8 +89,7 @@ def _string_constants(path: str):
 
 
 # Where a kind's name may appear outside its own file, and why.
-ALLOWED = {('modelscope_utuning.model', 'lora'): 'merge_lora() / has_lora() are LoRA by name (public API)',
-           ('modelscope_utuning.cli', 'lora'): '--merge-lora names its kind'}
+ALLOWED = {('modelscope_utuning.model', 'lora'): 'merge_lora() / has_lora() are LoRA by name (public API)'}
 USERS = ('modelscope_utuning.demo', 'modelscope_utuning.demo_segmentation')  # write configurations: use tuners only
 
 

@@ -2,7 +2,7 @@
 
 A block computes, for tokens ``x`` of shape ``(B, N, C)`` (brackets: the hook points)::
 
-    [tokens]   x  -> x'            before the block: may change N (VPT-deep prompts; run by the runner)
+    [tokens]   x  -> x'            before the block: may change N (VPT-deep prompts; run by VisionTransformer.forward_blocks)
     h1 = norm1(x)
     [mha.in]   h1 -> h1'           the input the frozen attention sees (RepAdapter)
     q  = W_q h1'   [q]  q  -> q'   a frozen projection's output (LoRA, SSF); kv = W_kv h1' [kv] likewise
@@ -16,8 +16,8 @@ A block computes, for tokens ``x`` of shape ``(B, N, C)`` (brackets: the hook po
     out = y + f'
     [block]    out -> out'         the block OP's output (tuners on the whole block, reading x)
 
-In bypass mode the frozen block runs alone and the runner calls ``delta`` of the tuners at the OP points and
-``carry`` of those at ``bypass`` (see :mod:`.runner`).
+In bypass mode the frozen block runs alone and :mod:`.bypass` calls ``delta`` of the tuners at the OP points and
+``carry`` of those at ``bypass`` (see :mod:`.bypass`).
 
 Each hook point has one method on :class:`TunerHooks` (the tuner base class implements the ones it uses and
 lists them in ``points``). The block calls the tuners registered at a point in the order they were attached;
@@ -80,7 +80,7 @@ class OpContext:
 
 
 class TokenState:
-    """Carried from block to block by the runner: how many trailing rows the last ``tokens`` edit appended."""
+    """Carried from block to block by ``forward_blocks``: how many trailing rows the last ``tokens`` edit appended."""
 
     __slots__ = ('appended',)
 
@@ -98,7 +98,7 @@ class TunerHooks:
         raise NotImplementedError
 
     def drops_rows(self, state: TokenState) -> int:
-        """``tokens``: how many trailing rows of its input :meth:`edit_tokens` will discard (the runner then
+        """``tokens``: how many trailing rows of its input :meth:`edit_tokens` will discard (``forward_blocks`` then
         skips computing them in the block before)."""
         return 0
 

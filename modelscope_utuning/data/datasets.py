@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from torch.utils.data import Dataset
 
+from .views import fixed_view
+
 PATH_KEY = 'img_path:FILE'
 IMAGE_KEY = 'image'
 LABEL_KEY = 'label'
@@ -97,6 +99,7 @@ class ImageRowsDataset(Dataset):
         self._warned = False
         self.label_map: Optional[List[int]] = None  # this source's label -> the model's (see with_label_map)
         self.label_tokens = list(label_tokens) if label_tokens is not None else None
+        self.views: Optional[Tuple[int, int]] = None  # (K, seed): K fixed augmented views per row (see .views)
 
     @property
     def on_error(self) -> str:
@@ -196,7 +199,8 @@ class ImageRowsDataset(Dataset):
                     raise self._unreadable(index, problem) from problem
             return row
         try:
-            return self.transform(row)
+            with fixed_view(self.views, index):
+                return self.transform(row)
         except Exception as err:
             # Blame the image only when it really fails to decode; a bug in the transform must surface as is.
             problem = _probe(row)
@@ -288,15 +292,18 @@ class ImageRowsDataset(Dataset):
 
     _KEEP = object()
 
-    def with_options(self, transform: Any = _KEEP, on_error: Any = _KEEP) -> 'ImageRowsDataset':
-        """A copy with another ``transform`` and / or ``on_error`` (this dataset is left as it is); the rows are
-        shared, not copied."""
+    def with_options(self, transform: Any = _KEEP, on_error: Any = _KEEP, views: Any = _KEEP) -> 'ImageRowsDataset':
+        """A copy with another ``transform``, ``on_error`` and / or ``views`` (``(K, seed)``: the transform gives
+        each row one of K fixed views, :mod:`.views`; None: as it is); this dataset is left as it is and the rows
+        are shared, not copied."""
         other = ImageRowsDataset.__new__(ImageRowsDataset)
         other.__dict__.update(self.__dict__)
         if transform is not ImageRowsDataset._KEEP:
             other.transform = transform
         if on_error is not ImageRowsDataset._KEEP:
             other.on_error = on_error
+        if views is not ImageRowsDataset._KEEP:
+            other.views = views
         other._bad = dict(self._bad)
         other.label_tokens = list(self.label_tokens) if self.label_tokens is not None else None
         return other

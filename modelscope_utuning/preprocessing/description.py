@@ -56,9 +56,9 @@ import PIL
 from PIL import Image
 
 from . import image_io
+from .transform_lists import _Filter, _Identity, _ItemOp, _LoadImage, _Rename, _TensorOrImage, _ToTensorKeys
 from .transforms import (INTERPOLATIONS, MAX_RESIZED_PIXELS, CenterCrop, Compose, Normalize, Resize,
-                         ResizeCenterCrop, ToTensor, _Filter, _Identity, _ItemOp, _LoadImage, _Rename, _TensorOrImage,
-                         _ToTensorKeys)
+                         ResizeCenterCrop, ToTensor)
 
 SCHEMA = 'modelscope-utuning/preprocessing'
 SCHEMA_VERSION = 2

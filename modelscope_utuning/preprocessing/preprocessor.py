@@ -9,7 +9,8 @@ Configuration (the ``preprocessor`` section of configuration.json; every key opt
      "interpolation": "bilinear",  # nearest | bilinear | bicubic | lanczos | box | hamming
      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
      "train": {"scale": [0.08, 1.0], "ratio": [0.75, 1.3333], "hflip": 0.5,
-               "color_jitter": null, "interpolation": "bilinear"},
+               "color_jitter": null, "interpolation": "bilinear",
+               "augment": true},           # false: train on the evaluation transform (no random numbers drawn)
      "val": {"resize": 256, "crop_pct": 0.875, "interpolation": "bilinear"}}
 
 ``train`` / ``val`` may instead be ModelScope transform lists, as in its ``image-classification-preprocessor``
@@ -32,15 +33,15 @@ from modelscope.utils.logger import get_logger
 from ..fileio import read_json_object
 from ..registration import register_class
 from .image_io import IMAGE_KEYS, ImageInputError, describe, load_image
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, build_modelscope_list, eval_transform,
-                         interpolation_of, train_transform)
+from .transform_lists import build_modelscope_list, draws_random_numbers
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, eval_transform, interpolation_of, train_transform
 
 logger = get_logger()
 
 OUR_TYPE = 'vision-efficient-tuning-preprocessor'
 MODELSCOPE_TYPE = 'image-classification-preprocessor'
 MODES = (ModeKeys.TRAIN, ModeKeys.EVAL, ModeKeys.INFERENCE)
-TRAIN_KEYS = ('scale', 'ratio', 'hflip', 'color_jitter', 'interpolation')
+TRAIN_KEYS = ('scale', 'ratio', 'hflip', 'color_jitter', 'interpolation', 'augment')
 EVAL_KEYS = ('resize', 'crop_pct', 'interpolation')
 LABEL_KEYS = ('label', 'labels')
 # Keys ModelScope's own builders may hand a preprocessor; they carry nothing for us.
@@ -95,10 +96,22 @@ class VisionEfficientTuningPreprocessor(Preprocessor):
         if unknown:
             raise ValueError(f'preprocessor.{name}: unknown key(s) {unknown}; expected {list(allowed)}')
         if name == 'train':
+            augment = opts.pop('augment', True)
+            if not isinstance(augment, bool):
+                raise ValueError(f'preprocessor.train.augment={augment!r}: expected true or false')
+            if not augment:
+                if opts:
+                    raise ValueError(f'preprocessor.train.augment=false trains on the evaluation transform; '
+                                     f'the augmentation key(s) {sorted(opts)} would be ignored: remove them')
+                return self.eval_transform
             return train_transform(**{**shared, **opts})
         if 'resize' in opts:
             opts['resize_to'] = opts.pop('resize')
         return eval_transform(**{**shared, **eval_extra, **{k: v for k, v in opts.items() if v is not None}})
+
+    def train_is_random(self) -> Optional[bool]:
+        """Whether the training transform can give one image two outputs (None: cannot be told)."""
+        return draws_random_numbers(self.train_transform)
 
     @property
     def output_size(self) -> Optional[Tuple[int, int]]:

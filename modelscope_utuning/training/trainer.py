@@ -6,7 +6,8 @@ rates, no decay on tokens / norms / biases), bf16 autocast, a trainer state that
 ``work_dir/output`` folder that ``pipeline()`` and ``Model.from_pretrained`` load again.
 
 Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp16' | 'fp32'),
-``train.optimizer.head_lr``, ``train.on_bad_image`` ('raise' | 'skip'); ModelScope's own
+``train.optimizer.head_lr``, ``train.on_bad_image`` ('raise' | 'skip'), ``train.feature_cache`` (bypass mode,
+:mod:`.feature_cache`); ModelScope's own
 ``train.optimizer.options.{grad_clip, cumulative_iters}``, ``model.loss.label_smoothing`` and ``train.hooks`` (e.g.
 ModelScope's ``TensorboardHook``) work as usual.
 """
@@ -37,6 +38,7 @@ from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR, apply_defaults
 from . import checkpointing
 from .checkpointing import trainer_state_globals
+from . import feature_cache
 from .distributed import DataParallelHook, EvalShardSampler
 from .export import clean_stale_outputs, export_output, output_configuration, write_card
 from .labels import check_conflicting_labels, map_onto, reference_classes
@@ -221,6 +223,10 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
                 model.CLASSES = list(self.label_classes) + [f'class_{i}' for i in range(len(self.label_classes), n)]
         ds = map_onto(ds, self.label_classes, model.head.num_classes, role)
         check_conflicting_labels(ds, role)  # in the model's classes, so the message names them
+        if mode == ModeKeys.TRAIN:
+            self.feature_cache_plan = feature_cache.plan_for(self, preprocessor)
+            if self.feature_cache_plan.views:
+                ds = ds.with_options(views=(self.feature_cache_plan.views, self._seed))
         return ds
 
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         with self.lock:
             if is_master():
                 clean_stale_outputs(self.output_dir)
-            with torch.serialization.safe_globals(trainer_state_globals()):
+            with torch.serialization.safe_globals(trainer_state_globals()), feature_cache.active(self):
                 result = super().train(checkpoint_path, *args, **kwargs)
             if is_master():
                 self.export_output()

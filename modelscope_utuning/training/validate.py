@@ -19,7 +19,10 @@ import numbers
 import inspect
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
+from .feature_cache import read_settings as read_feature_cache
 from .precision import PRECISIONS
+from .schedule import probe_epochs
+from .warmup import warmup_iters
 
 
 def _int(low: int) -> Callable[[Any], Optional[str]]:
@@ -50,22 +53,16 @@ def _bool(v: Any) -> Optional[str]:
     return None if isinstance(v, bool) else 'expected true or false'
 
 
-def _probe_epochs(v: Any) -> Optional[str]:
-    from .schedule import probe_epochs
-    try:
-        probe_epochs(v, 100, True, False)
-    except ValueError as e:
-        return str(e).split(': ', 1)[-1]
-    return None
-
-
-def _warmup(v: Any) -> Optional[str]:
-    from .warmup import warmup_iters
-    try:
-        warmup_iters(v, 100, False)
-    except ValueError as e:
-        return str(e).split(': ', 1)[-1]
-    return None
+def _read_by(reader: Callable[[Any], Any], key: str) -> Callable[[Any], Optional[str]]:
+    """A check that runs the setting's own reader and returns its ValueError's message (without the leading
+    ``key=value: `` that the caller adds; a message about a sub-key keeps its name)."""
+    def check(v: Any) -> Optional[str]:
+        try:
+            reader(v)
+        except ValueError as e:
+            return str(e).split(': ', 1)[-1] if str(e).startswith(key + '=') else str(e)
+        return None
+    return check
 
 
 # (dotted key, check); a key that is absent or null is not checked (the defaults fill it).
@@ -80,10 +77,11 @@ CHECKS: List[Tuple[str, Callable[[Any], Optional[str]]]] = [
     ('train.optimizer.weight_decay', _number(0.0, strict=False)),
     ('train.lr_scheduler.T_max', _int(1)),
     ('train.amp', _choice(*PRECISIONS)),
-    ('train.warmup', _warmup),
-    ('train.probe_epochs', _probe_epochs),
+    ('train.warmup', _read_by(lambda v: warmup_iters(v, 100, False), 'train.warmup')),
+    ('train.probe_epochs', _read_by(lambda v: probe_epochs(v, 100, True, False), 'train.probe_epochs')),
     ('train.on_bad_image', _choice('raise', 'skip')),
     ('train.cpu_allocator', _choice('default', 'lean')),
+    ('train.feature_cache', _read_by(read_feature_cache, 'train.feature_cache')),
     ('model.head.num_classes', _int(1)),
     ('model.loss.label_smoothing', _number(0.0, strict=False, high=1.0)),
     ('model.finetune', _bool),
@@ -294,7 +292,7 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
 # unknown keys are only logged (other ModelScope releases and hub configurations carry keys of their own).
 TRAIN_KEYS = ('work_dir', 'max_epochs', 'max_iters', 'train_iters_per_epoch', 'dataloader', 'optimizer',
               'lr_scheduler', 'hooks', 'checkpoint', 'logging', 'optimizer_hook', 'lr_scheduler_hook',
-              'amp', 'warmup', 'probe_epochs', 'on_bad_image', 'cpu_allocator')
+              'amp', 'warmup', 'probe_epochs', 'on_bad_image', 'cpu_allocator', 'feature_cache')
 EVALUATION_KEYS = ('dataloader', 'metrics', 'period', 'val_iters_per_epoch')
 MODEL_EXTRA_KEYS = ('type', 'model_dir', 'device')
 

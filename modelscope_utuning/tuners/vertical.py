@@ -1,7 +1,7 @@
 """The vertical tuner of Res-Tuning-Bypass (Jiang et al. 2023): it carries the bypass stream from layer to layer.
 
 In bypass mode the parallel tuners of layer l read the frozen OP inputs and add their terms to a side stream
-(see :mod:`..backbone.runner`). Without vertical tuners that stream is their plain sum, ``b_l = b_{l-1} +
+(see :mod:`..backbone.bypass`). Without vertical tuners that stream is their plain sum, ``b_l = b_{l-1} +
 lateral_l``. A vertical tuner on layer l transforms what arrives from the layer before:
 
     b_l = V_l(b_{l-1}) + lateral_l,    V_l(b) = b + s * rms(b) * A(b / rms(b))
