@@ -102,7 +102,7 @@ class SharedBackbone:
         with torch.device('meta'):
             net = model_class_of(folder).network_class(backbone_cfg, dict(cfg.get('head') or tcfg['head']),
                                                        classes=tcfg.get('CLASSES'))
-        from .network import _base_differences
+        from .network_files import _base_differences
         if _base_differences(self.base, net.base_config()):
             return None
         trained = set(net.tuner_parameters())
