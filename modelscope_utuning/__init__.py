@@ -18,5 +18,14 @@ except ImportError as error:  # a ModelScope release that cannot import here: sa
         raise
     raise explained from error
 
+
+
+def train_bypass_tasks(trainers):
+    """Train several bypass tasks in one run on one frozen forward per step: ``{name: trainer}`` -> ``{name: output
+    folder}`` (see :mod:`modelscope_utuning.training.tasks`)."""
+    from .training.tasks import train_bypass_tasks as run
+    return run(trainers)
+
+
 __all__ = ['VisionEfficientTuning', 'VisionEfficientTuningModel', '__version__', 'has_lora', 'load_model', 'load_tuners',
-           'merge_lora', 'model_from_tuners', 'save_tuners']
+           'merge_lora', 'model_from_tuners', 'save_tuners', 'train_bypass_tasks']

@@ -48,6 +48,7 @@ class FrozenFeatureCache:
         self.max_bytes = int(max_bytes)
         self._entries: Dict[bytes, List[Dict[str, torch.Tensor]]] = {}
         self._signature = None
+        self._fields: Tuple[Tuple[str, ...], ...] = ()  # per block, the fields kept (>= what any reader asked)
         self.bytes = 0
         self.hits = self.misses = self.not_stored = self.clears = 0
 
@@ -68,15 +69,19 @@ class FrozenFeatureCache:
     def steps(self, vit, images: torch.Tensor, layout: Tuple,
               compute: Callable[[torch.Tensor], Iterator[FrozenStep]]) -> Iterable[FrozenStep]:
         """The frozen steps of ``images`` (B, 3, H, W): the held images' read back, the others' ``compute(images)``d
-        and stored. ``layout``: ``(rows, needs)``, the row count the steps keep and, per block, the fields read."""
+        and stored. ``layout``: ``(rows, needs)``, the row count the steps keep and, per block, the fields read (a reader may ask
+        for fewer fields than are kept: several tasks' tuners read one cache, :mod:`..training.tasks`)."""
         if vit.frozen_path_is_random():
             raise RuntimeError('the frozen pass draws random numbers (dropout in the backbone): its features cannot '
                                'be cached; set the backbone dropout rates to 0 or take the cache off')
-        signature = (layout, images.dtype, str(images.device), _weights_version(vit))
+        rows, needs = layout
+        signature = (rows, images.dtype, str(images.device), _weights_version(vit))
         if signature != self._signature:
             self.clear()
-            self._signature = signature
-        needs = layout[1]
+            self._signature, self._fields = signature, needs
+        elif any(set(want) - set(have) for want, have in zip(needs, self._fields)):
+            self.clear()  # a reader wants fields not kept: keep both sets from now on
+            self._fields = tuple(tuple(sorted(set(a) | set(b))) for a, b in zip(needs, self._fields))
         keys = [image_key(img) for img in images]
         found = [self._entries.get(k) for k in keys]
         held = sum(f is not None for f in found)
@@ -89,14 +94,14 @@ class FrozenFeatureCache:
         for b, f in enumerate(found):
             if f is None and keys[b] not in new:
                 new[keys[b]] = b
-        rows = list(new.values())
-        source = compute(images if held == 0 and len(rows) == len(keys) else images[rows])
+        todo = list(new.values())
+        source = compute(images if held == 0 and len(todo) == len(keys) else images[todo])
         return self._merged(source, needs, keys, found, list(new))
 
     def _merged(self, steps: Iterator[FrozenStep], needs, keys: List[bytes], found: list, new_keys: List[bytes]
                 ) -> Iterator[FrozenStep]:
-        """Per block: the computed rows of the new images and the held rows of the others, in batch order; the new
-        images' fields are stored once the pass is complete."""
+        """Per block: the computed rows of the new images and the held rows of the others, in batch order (the fields
+        ``needs`` asks for); the new images' kept fields are stored once the pass is complete."""
         position = {k: j for j, k in enumerate(new_keys)}
         recorded: List[List[Dict[str, torch.Tensor]]] = [[] for _ in new_keys]
         whole = len(new_keys) == len(keys)
@@ -104,10 +109,12 @@ class FrozenFeatureCache:
             fields = {}
             for entry in recorded:
                 entry.append({})
-            for f in needs[i]:
+            for f in self._fields[i]:
                 computed = getattr(step, f)
                 for j, entry in enumerate(recorded):
                     entry[i][f] = computed[j].clone()
+            for f in needs[i]:
+                computed = getattr(step, f)
                 if whole:
                     fields[f] = computed
                 else:

@@ -213,16 +213,19 @@ class VisionTransformer(nn.Module):
         cannot be cached."""
         return self.training and self.pos_drop.p > 0 or any(b.frozen_path_is_random() for b in self.blocks)
 
-    def frozen_parameters(self):
-        """The parameters the frozen forward of bypass mode reads: the embedding and the blocks, without the
-        attached tuners (the final norm and the heads come after it)."""
+    def frozen_named_parameters(self):
+        """``(name, parameter)`` of what the frozen forward of bypass mode reads: the embedding and the blocks,
+        without the attached tuners (the final norm and the heads come after it)."""
         for name, p in self.named_parameters():
             parts = name.split('.')
             if parts[0] == 'blocks':
                 if parts[2] not in self.blocks[int(parts[1])].hooks.names:
-                    yield p
+                    yield name, p
             elif parts[0] in ('patch_embed', 'cls_token', 'pos_embed', 'norm_pre'):
-                yield p
+                yield name, p
+
+    def frozen_parameters(self):
+        return (p for _, p in self.frozen_named_parameters())
 
     def patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens ``(B, N, C)`` -> the patch tokens as a map ``(B, C, H/p, W/p)`` (prefix tokens before the patches

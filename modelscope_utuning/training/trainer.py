@@ -330,6 +330,13 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
                 self.export_output()
         return result
 
+    def train_loop(self, data_loader):
+        """ModelScope's loop, unless this run trains beside other tasks (:mod:`.tasks`): then it hands the loop over."""
+        driver = getattr(self, '_loop_driver', None)
+        if driver is not None:
+            return driver(data_loader)
+        return super().train_loop(data_loader)
+
     def evaluate(self, *args, **kwargs) -> Dict[str, float]:
         with self.lock, torch.serialization.safe_globals(trainer_state_globals()):
             results = super().evaluate(*args, **kwargs)
