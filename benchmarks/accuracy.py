@@ -40,6 +40,7 @@ import gzip
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -462,6 +463,26 @@ def markdown_table(summary: List[Dict[str, Any]], seeds: List[int]) -> str:
                      + f' | **{100 * b["mean"]:.1f}** [{100 * b["min"]:.1f}, {100 * b["max"]:.1f}] at {r["best_lr"]:g}'
                      + f' | {r["train_s_min"]:.0f} s |')
     return '\n'.join(lines)
+
+
+def few_shot_arguments(ap: argparse.ArgumentParser, epochs: int = 15) -> argparse.ArgumentParser:
+    """The options the real-backbone Fashion-MNIST benchmarks share (int8.py, feature_cache.py, tasks.py)."""
+    ap.add_argument('--weights', default=DEFAULT_WEIGHTS)
+    ap.add_argument('--data', default=DEFAULT_DATA)
+    ap.add_argument('--shots', type=int, default=10)
+    ap.add_argument('--test-per-class', type=int, default=50)
+    ap.add_argument('--img-size', type=int, default=112)
+    ap.add_argument('--epochs', type=int, default=epochs)
+    ap.add_argument('--lr', type=float, default=2e-3)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--threads', type=int, default=2)
+    return ap
+
+
+def commands_line(rows: List[Dict[str, Any]]) -> List[str]:
+    """The README lines naming the commands that made ``rows`` (where they wrote left out)."""
+    commands = sorted({re.sub(r' --out \S+', '', r['command']) for r in rows})
+    return ['', 'Commands: ' + ', '.join(f'`{c}`' for c in commands) + '.', '']
 
 
 def update_readme(table: str, path: str = README, start: str = TABLE_START, end: str = TABLE_END,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -128,23 +127,14 @@ def render(out_path: str, readme: str = README) -> None:
         lines.append(f'| {px} | {setting} | {"on" if cached else "off"} | {r["first_epoch_s"]:.2f} s | '
                      f'{r["later_epoch_s"]:.3f} s | {later} | {epochs:.1f} s | {whole} | {r["train_s"]:.1f} s | '
                      f'{100 * r["accuracy"]:.1f} % | {held} | {diff} |')
-    commands = sorted({re.sub(r' --out \S+', '', r['command']) for r in latest.values()})
-    lines += ['', 'Commands: ' + ', '.join(f'`{c}`' for c in commands) + '.', '']
-    from accuracy import update_readme
+    from accuracy import commands_line, update_readme
+    lines += commands_line(list(latest.values()))
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, SECTION)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--weights', default='/tmp/dinov2_vits14.safetensors')
-    ap.add_argument('--data', default='/usr/share/datasets/fashion-mnist')
-    ap.add_argument('--shots', type=int, default=10)
-    ap.add_argument('--test-per-class', type=int, default=50)
-    ap.add_argument('--img-size', type=int, default=112)
-    ap.add_argument('--epochs', type=int, default=15)
-    ap.add_argument('--lr', type=float, default=2e-3)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--threads', type=int, default=2)
+    from accuracy import few_shot_arguments
+    ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=15)
     ap.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument('--out', default=DEFAULT_OUT)
     ap.add_argument('--render-only', action='store_true')

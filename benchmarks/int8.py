@@ -127,16 +127,8 @@ def render(out_path: str, readme: str = README) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--weights', default='/tmp/dinov2_vits14.safetensors')
-    ap.add_argument('--data', default='/usr/share/datasets/fashion-mnist')
-    ap.add_argument('--shots', type=int, default=10)
-    ap.add_argument('--test-per-class', type=int, default=50)
-    ap.add_argument('--img-size', type=int, default=112)
-    ap.add_argument('--epochs', type=int, default=15)
-    ap.add_argument('--lr', type=float, default=2e-3)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--threads', type=int, default=2)
+    from accuracy import few_shot_arguments
+    ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=15)
     ap.add_argument('--out', default=DEFAULT_OUT)
     ap.add_argument('--render-only', action='store_true')
     args = ap.parse_args()

@@ -150,24 +150,15 @@ def render(out_path: str, readme: str = README) -> None:
                      f'{r["together_s"] / r["alone_s"]:.2f}x | max \\|weight difference\\| '
                      f'{r["task0_max_weight_diff"]:.1e} | {100 * r["accuracy_alone"]:.1f} % | '
                      f'{100 * sum(accs) / len(accs):.1f} % ({100 * min(accs):.1f}-{100 * max(accs):.1f}) |')
-    commands = sorted({re.sub(r' --out \S+', '', r['command']) for r in latest.values()})
-    lines += ['', 'Commands: ' + ', '.join(f'`{c}`' for c in commands) + '.', '']
-    from accuracy import update_readme
+    from accuracy import commands_line, update_readme
+    lines += commands_line(list(latest.values()))
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, SECTION)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--weights', default='/tmp/dinov2_vits14.safetensors')
-    ap.add_argument('--data', default='/usr/share/datasets/fashion-mnist')
+    from accuracy import few_shot_arguments
+    ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=10)
     ap.add_argument('--tasks', type=int, default=8)
-    ap.add_argument('--shots', type=int, default=10)
-    ap.add_argument('--test-per-class', type=int, default=50)
-    ap.add_argument('--img-size', type=int, default=112)
-    ap.add_argument('--epochs', type=int, default=10)
-    ap.add_argument('--lr', type=float, default=2e-3)
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--threads', type=int, default=2)
     ap.add_argument('--cache', choices=('auto', 'off'), default='auto',
                     help='train.feature_cache in every run: auto (frozen features kept across epochs) or off (the frozen '
                          'pass runs every step: one per step for all tasks together)')
