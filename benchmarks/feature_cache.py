@@ -29,14 +29,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # accuracy.py: data, configuration, lscpu, README tables
+from accuracy import TRI, VERTICAL  # noqa: E402  (the tri-tuner and the vertical tuner of the accuracy table)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'feature_cache.jsonl')
 TABLE_START, TABLE_END = '<!-- feature-cache-table:start -->', '<!-- feature-cache-table:end -->'
 SECTION = '## Cached frozen features (bypass training)'
-TRI_VERTICAL = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 10},
-                {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 10},
-                {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 10},
-                {'type': 'vertical', 'dim': 10}]
 SETTINGS = {'deterministic': ({'augment': False}, 0), 'views 3': (None, 3)}
 
 
@@ -67,7 +64,7 @@ def run(args, data: str, setting: str, cached: bool, root: str) -> dict:
 
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = len(CLASS_NAMES)
-        cfg.model.backbone.tuners = TRI_VERTICAL
+        cfg.model.backbone.tuners = TRI + [VERTICAL]
         cfg.model.backbone.bypass = True
         cfg.train.max_epochs = args.epochs
         cfg.train.lr_scheduler.T_max = args.epochs

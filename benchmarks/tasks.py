@@ -26,14 +26,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # accuracy.py: data, configuration, lscpu, README tables
+from accuracy import TRI, VERTICAL  # noqa: E402  (the tri-tuner and the vertical tuner of the accuracy table)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'tasks.jsonl')
 TABLE_START, TABLE_END = '<!-- tasks-table:start -->', '<!-- tasks-table:end -->'
 SECTION = '## N bypass tasks trained together (one frozen forward per step)'
-TUNERS = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 10},
-          {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 10},
-          {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 10},
-          {'type': 'vertical', 'dim': 10}]
 
 
 def relabel(k: int, seed: int):
@@ -57,7 +54,7 @@ def trainer(args, root: str, model_dir: str, k: int, tag: str):
 
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = len(CLASS_NAMES)
-        cfg.model.backbone.tuners = TUNERS
+        cfg.model.backbone.tuners = TRI + [VERTICAL]
         cfg.model.backbone.bypass = True
         cfg.train.max_epochs = args.epochs
         cfg.train.lr_scheduler.T_max = args.epochs
