@@ -27,6 +27,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # accuracy.py: data, configuration, lscpu, README tables
 from accuracy import TRI, VERTICAL  # noqa: E402  (the tri-tuner and the vertical tuner of the accuracy table)
+from feature_cache import epoch_clock  # noqa: E402  (stamps each epoch's end)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'tasks.jsonl')
 TABLE_START, TABLE_END = '<!-- tasks-table:start -->', '<!-- tasks-table:end -->'
@@ -71,18 +72,6 @@ def trainer(args, root: str, model_dir: str, k: int, tag: str):
         train_dataset=rows_of(os.path.join(root, 'train'), k, args.seed), cfg_modify_fn=cfg_modify_fn, seed=args.seed))
 
 
-def clock():
-    from modelscope.trainers.hooks import Hook
-
-    class Clock(Hook):
-        def before_run(self, trainer):
-            self.stamps = [time.perf_counter()]
-
-        def after_train_epoch(self, trainer):
-            self.stamps.append(time.perf_counter())
-    return Clock()
-
-
 def accuracy(output: str, test_rows) -> float:
     from modelscope.pipelines import pipeline
     p = pipeline('vision-efficient-tuning', output, device='cpu')
@@ -106,12 +95,12 @@ def run(args) -> dict:
         json.dump(base_configuration(args.weights, args.img_size), f)
     out = {}
     alone = trainer(args, root, model_dir, 0, 'alone')
-    c = clock()
+    c = epoch_clock()
     alone.register_hook(c)
     alone.train()
     out['alone_s'] = c.stamps[-1] - c.stamps[0]
     together = {f'task{k}': trainer(args, root, model_dir, k, 'together') for k in range(args.tasks)}
-    c = clock()
+    c = epoch_clock()
     together['task0'].register_hook(c)
     outputs = modelscope_utuning.train_bypass_tasks(together)
     out['together_s'] = c.stamps[-1] - c.stamps[0]
