@@ -465,3 +465,18 @@ def test_onnx_export_of_a_segmentation_model_answers_as_the_pipeline(trained, sc
     description = json.load(open(os.path.join(export, 'preprocessing.json')))
     assert [s['op'] for s in description['steps']] == ['resize', 'to_float', 'normalize']
     assert description['postprocess']['upsample']['mode'] == 'bilinear'
+
+
+@pytest.mark.parametrize('setting, match', [(True, 'augments at random'), ({'views': 2}, 'not supported')])
+def test_feature_cache_settings_that_cannot_work_are_refused_when_the_segmentation_trainer_is_built(
+        scenes, tmp_path, setting, match):
+    """Segmentation training always crops at random: the frozen features never repeat, so asking for the cache (or for
+    fixed views, which its dataset does not draw yet) is named at build time, and auto leaves it off."""
+    train, _ = scenes
+
+    def extra(cfg):
+        cfg.train.feature_cache = setting
+    with pytest.raises(ValueError, match=match):
+        trainer_for(seg_model_dir(tmp_path / 'model', bypass=True), tmp_path / 'work', train, epochs=1, extra=extra)
+    trainer = trainer_for(seg_model_dir(tmp_path / 'auto', bypass=True), tmp_path / 'auto_work', train, epochs=1)
+    assert not trainer.feature_cache_plan.on and 'at random' in trainer.feature_cache_plan.reason

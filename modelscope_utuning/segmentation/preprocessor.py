@@ -60,6 +60,11 @@ class SegmentationPreprocessor(Preprocessor):
     def output_size(self) -> Tuple[int, int]:
         return self.img_size, self.img_size
 
+    def train_is_random(self) -> bool:
+        """Whether training gives one image two inputs: always (a random scale, crop position and flip each
+        time), which is what ``train.feature_cache`` asks."""
+        return True
+
     def __call__(self, data: Any) -> Dict[str, Any]:
         row = data if isinstance(data, dict) else None
         if row is not None and MASK_KEY in row and self.mode in (ModeKeys.TRAIN, ModeKeys.EVAL):

@@ -19,6 +19,7 @@ from modelscope.utils.constant import ModeKeys
 
 from ..preprocessing.image_io import load_image
 from ..registration import SEG_METRIC, SEG_TASK, SEG_TYPE, register_class
+from ..training import feature_cache
 from ..training.trainer import VisionEfficientTuningTrainer
 from .data import SegmentationRowsDataset, collate, load_segmentation_dataset
 from .model import VisionEfficientTuningSegmentationModel
@@ -74,6 +75,11 @@ class SegmentationTrainer(VisionEfficientTuningTrainer):
             n = model.head.num_classes
             names = list(ds.classes or [])[:n]
             model.CLASSES = names + [f'class_{i}' for i in range(len(names), n)]
+        if mode == ModeKeys.TRAIN:  # the classifier's rules; fixed views need a dataset that draws them (not yet)
+            self.feature_cache_plan = feature_cache.plan_for(self, preprocessor)
+            if self.feature_cache_plan.views:
+                raise ValueError(f'{feature_cache.SETTING}.views={self.feature_cache_plan.views}: fixed augmented '
+                                 'views are not supported for segmentation training yet; expected 0')
         return ds
 
     def export_output(self) -> str:
