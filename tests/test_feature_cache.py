@@ -207,6 +207,9 @@ def test_plan():
     with pytest.raises(ValueError, match='bypass'):
         plan(True, vit, False)
     assert plan({'enabled': False, 'views': 3}, vit, True).views == 3  # views are a data policy: kept without cache
+    dropped = bypass_net(drop_rate=0.1).backbone.eval()  # asked in evaluation mode: training's dropout counts
+    assert not plan(None, dropped, False).on and 'dropout' in plan(None, dropped, False).reason
+    assert not dropped.training and not any(m.training for m in dropped.modules())  # the mode is left as it was
 
 
 def set_train_transform(cfg, spec):

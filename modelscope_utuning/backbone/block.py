@@ -171,9 +171,10 @@ class Block(nn.Module):
         h1_n = h1 if n_out is None else h1[:, :n_out].contiguous()
         return FrozenStep(x_n, h1_n, q, y, h2, out)
 
-    def frozen_path_is_random(self) -> bool:
-        """Whether :meth:`forward_frozen` draws random numbers now (dropout in training mode)."""
-        if not self.training:
+    def frozen_path_is_random(self, training: Optional[bool] = None) -> bool:
+        """Whether :meth:`forward_frozen` draws random numbers (dropout) in training mode (``training=True``), in
+        evaluation mode (False) or in the mode it is in now (None)."""
+        if not (self.training if training is None else training):
             return False
         return self.attn.attn_drop > 0 or any(m.p > 0 for m in self.mlp.modules() if isinstance(m, nn.Dropout))
 

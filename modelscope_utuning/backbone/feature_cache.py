@@ -69,8 +69,9 @@ class FrozenFeatureCache:
     def steps(self, vit, images: torch.Tensor, layout: Tuple,
               compute: Callable[[torch.Tensor], Iterator[FrozenStep]]) -> Iterable[FrozenStep]:
         """The frozen steps of ``images`` (B, 3, H, W): the held images' read back, the others' ``compute(images)``d
-        and stored. ``layout``: ``(rows, needs)``, the row count the steps keep and, per block, the fields read (a reader may ask
-        for fewer fields than are kept: several tasks' tuners read one cache, :mod:`..training.tasks`)."""
+        and stored. ``layout``: ``(rows, needs)``, the row count the steps keep and, per block, the fields read (a
+        reader may ask for fewer fields than are kept: several tasks' tuners read one cache, :mod:`..training.tasks`).
+        """
         if vit.frozen_path_is_random():
             raise RuntimeError('the frozen pass draws random numbers (dropout in the backbone): its features cannot '
                                'be cached; set the backbone dropout rates to 0 or take the cache off')

@@ -208,10 +208,11 @@ class VisionTransformer(nn.Module):
         collected[last] = out
         return out, [collected[i] for i in layers]
 
-    def frozen_path_is_random(self) -> bool:
-        """Whether the frozen forward draws random numbers now (dropout in training mode): then its features
-        cannot be cached."""
-        return self.training and self.pos_drop.p > 0 or any(b.frozen_path_is_random() for b in self.blocks)
+    def frozen_path_is_random(self, training: Optional[bool] = None) -> bool:
+        """Whether the frozen forward draws random numbers (dropout) in training mode (``training=True``), in
+        evaluation mode (False) or in the mode it is in now (None): then its features cannot be cached."""
+        mode = self.training if training is None else training
+        return mode and self.pos_drop.p > 0 or any(b.frozen_path_is_random(mode) for b in self.blocks)
 
     def frozen_named_parameters(self):
         """``(name, parameter)`` of what the frozen forward of bypass mode reads: the embedding and the blocks,

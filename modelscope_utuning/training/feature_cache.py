@@ -86,11 +86,7 @@ def plan(value: Any, vit, transform_random: Optional[bool]) -> CachePlan:
         return CachePlan(False, f'{SETTING}.enabled=false', s['max_mb'], views)
     if not vit.bypass:
         return off('the frozen features depend on the tuners outside bypass mode; expected model.backbone.bypass=true')
-    was = vit.training
-    vit.train(True)
-    random_pass = vit.frozen_path_is_random()
-    vit.train(was)
-    if random_pass:
+    if vit.frozen_path_is_random(training=True):
         return off('the backbone applies dropout in training (drop_rate / attn_drop_rate > 0), so its features '
                    'differ at every pass; expected those rates at 0')
     if not views and transform_random is not False:

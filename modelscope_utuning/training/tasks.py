@@ -206,12 +206,10 @@ class BypassTasks:
         saved = [v.feature_cache for v in vits]
         images = torch.cat([b['imgs'] for b in batches])
         vit = vits[0]
-        was = vit.training
-        vit.train(True)  # as in the tasks' train_step
+        lead.model.train()  # the mode the tasks' train_step puts their models in, right after
         with autocast(lead.precision, lead._device_type):
             for _ in cache.steps(vit, images, layout, lambda some: live_steps(vit, some, layout[0])):
                 pass
-        vit.train(was)
         for v in vits:
             v.feature_cache = cache
         try:
