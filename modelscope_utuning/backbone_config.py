@@ -59,8 +59,8 @@ def without_kinds(cfg: Dict[str, Any], kinds) -> Dict[str, Any]:
 
 def build_backbone(vit_kwargs: Dict[str, Any], entries: List[Dict[str, Any]]):
     """A VisionTransformer with the block-level tuners of ``entries`` attached -> (vit, parsed specs)."""
-    from .tuners import attach_block_tuners, parse_tuners
+    from .tuners import attach_block_tuners, dims_of, parse_tuners
     vit = VisionTransformer(**vit_kwargs)
-    specs = parse_tuners(entries, vit.depth, vit.embed_dim)
+    specs = parse_tuners(entries, dims_of(vit))
     attach_block_tuners(vit, specs)
     return vit, specs

@@ -53,7 +53,7 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
         vit_kwargs, entries, extras = split_backbone_config(self.backbone_config)
         self._n_explicit = len(self.backbone_config.get('tuners') or [])
         self.backbone = VisionTransformer(**vit_kwargs)
-        self.specs: List[TunerSpec] = parse_tuners(entries, self.backbone.depth, self.backbone.embed_dim)
+        self.specs: List[TunerSpec] = parse_tuners(entries, dims_of(self.backbone))
         attach_block_tuners(self.backbone, self.specs)
         dims = dims_of(self.backbone)
         for spec in self.specs:
@@ -219,7 +219,7 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
         entries = [dict(e) for e in entries]
         explicit = list(self.backbone_config.get('tuners') or []) + entries
         _, all_entries, _ = split_backbone_config(dict(self.backbone_config, tuners=explicit))
-        specs = parse_tuners(all_entries, self.backbone.depth, self.backbone.embed_dim)
+        specs = parse_tuners(all_entries, dims_of(self.backbone))
         new = specs[self._n_explicit:self._n_explicit + len(entries)]
         if self.backbone.bypass and bypass_problems(new):
             raise ValueError(f'tuner entries {bypass_problems(new)} cannot run on the bypass path')
@@ -250,12 +250,12 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
 
     def resolved_backbone_config(self) -> Dict[str, Any]:
         """``backbone_config`` with each explicit tuner entry completed by everything it was built with (op, form
-        and every option: :meth:`TunerSpec.resolved_config`), so that a saved model means the same to a later
+        and every option: :meth:`TunerSpec.to_entry`), so that a saved model means the same to a later
         version whose defaults differ."""
         cfg = copy.deepcopy(self.backbone_config)
         if not cfg.get('tuners'):
             return cfg
-        cfg['tuners'] = [spec.resolved_config() for spec in self.specs[:self._n_explicit]]
+        cfg['tuners'] = [spec.to_entry() for spec in self.specs[:self._n_explicit]]
         return cfg
 
 

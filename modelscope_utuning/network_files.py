@@ -19,7 +19,7 @@ from .backbone.vit import VisionTransformer
 from .backbone_config import VIT_ARGS, base_config
 from .checkpoint import hub_layout, tuner_only
 from .checkpoint.load_report import LoadReport, shape_mismatches
-from .tuners import parse_tuners
+from .tuners import dims_of, parse_tuners
 from .tuners.base import slot_names
 
 
@@ -146,7 +146,7 @@ class SavedWeights:
         if weights:
             base['pretrained_weights' if base_path else 'pretrained_weights_name'] = \
                 weights if base_path else os.path.basename(str(weights))
-        return {'tuners': [spec.resolved_config() for spec in self.specs], 'base': base,
+        return {'tuners': [spec.to_entry() for spec in self.specs], 'base': base,
                 'backbone_fingerprint': self.backbone_fingerprint(),
                 'fingerprint_excludes': self.trained_backbone_names(),
                 'head': self.head_config(),
@@ -169,7 +169,7 @@ class SavedWeights:
         diffs = _base_differences(cfg.get('base') or {}, self.base_config())
         if diffs:
             report.problems.append(f'base differs: {diffs}')
-        ours = [spec.to_config() for spec in self.specs]
+        ours = [spec.to_entry() for spec in self.specs]
         if _signature(cfg['tuners'], self.backbone) != _signature(ours, self.backbone):
             report.problems.append(f'tuners: file {cfg["tuners"]} vs model {ours}')
         if strict:
@@ -234,7 +234,7 @@ def _base_differences(saved: Dict[str, Any], ours: Dict[str, Any]) -> List[str]:
 def _signature(entries, vit) -> List[tuple]:
     """What the entries compute, order-free; initial values and spelling do not matter."""
     try:
-        specs = parse_tuners(entries, vit.depth, vit.embed_dim)
+        specs = parse_tuners(entries, dims_of(vit))
     except ValueError as e:
         return [('invalid', str(e))]
     return sorted(s.signature() for s in specs)

@@ -118,3 +118,12 @@ MAX_LINES = 400  # issue 20: a module a newcomer reads in one sitting; past this
 def test_no_module_is_over_the_line_limit(path, module):
     n = sum(1 for _ in open(path, encoding='utf-8'))
     assert n <= MAX_LINES, f'{module}: {n} lines (> {MAX_LINES}): split it by job'
+
+
+def test_the_hook_contract_is_a_leaf():
+    """backbone/hooks.py is what blocks and tuners both read: it imports nothing of the package, and an OP's
+    context carries the frozen parts a tuner may borrow instead of the Block itself."""
+    path = os.path.join(ROOT, 'backbone', 'hooks.py')
+    assert not list(imports(path, 'modelscope_utuning.backbone.hooks'))
+    from modelscope_utuning.backbone.hooks import OpContext
+    assert 'block' not in OpContext.__slots__

@@ -13,7 +13,7 @@ import torch
 from modelscope_utuning.backbone.vit import VisionTransformer
 from modelscope_utuning.checkpoint import converters as cv
 from modelscope_utuning.checkpoint.hub_layout import write_checkpoint
-from modelscope_utuning.tuners import attach_block_tuners, parse_tuners
+from modelscope_utuning.tuners import attach_block_tuners, dims_of, parse_tuners
 
 TOL = 1e-4
 
@@ -300,7 +300,7 @@ def test_timm_head_and_mask_token_dropped(tmp_path):
 
 
 def with_tuners(vit, entries):
-    specs = parse_tuners(entries, vit.depth, vit.embed_dim)
+    specs = parse_tuners(entries, dims_of(vit))
     attach_block_tuners(vit, specs)
     return vit
 

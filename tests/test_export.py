@@ -86,7 +86,7 @@ def test_tuner_only_roundtrip(base_weights, tmp_path, tuners, legacy):
     assert cfg['head'] == {'num_classes': 3, 'dim': 32}
     assert cfg['base']['embed_dim'] == 32 and cfg['base']['pretrained_weights'] == base_weights
     assert not set(cfg['base']) & {'tuners', 'adapter_length', 'prompt_length', 'prefix_length', 'lora_length'}
-    assert cfg['tuners'] == [s.resolved_config() for s in a.specs]  # every option written out
+    assert cfg['tuners'] == [s.to_entry() for s in a.specs]  # every option written out
     if legacy:  # legacy keys are written as the entries they mean
         written = [{k: e[k] for k in ('type', 'op', 'form', 'dim', 'length') if k in e} for e in cfg['tuners']]
         assert {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 4} in written
@@ -189,7 +189,7 @@ def test_merge_lora_identical_outputs(base_weights, tuners, legacy):
     assert not has_lora(model)
     assert not any('lora' in k for k in model.state_dict())
     assert all(not any('lora' in n for n in b.hooks.names) for b in model.backbone.blocks)
-    assert all(b.tuner(op, 'lora') is None for b in model.backbone.blocks for op in ('mha', 'ffn'))
+    assert all(getattr(b, f'{op}_lora', None) is None for b in model.backbone.blocks for op in ('mha', 'ffn'))
     assert all(s.type != 'lora' for s in model.specs)
     assert 'lora_length' not in model.backbone_config
     assert all(e.get('type') != 'lora' for e in model.backbone_config.get('tuners', []))
@@ -228,9 +228,9 @@ def test_merge_refused_where_outputs_would_change(base_weights):
 
 
 def test_merge_bare_backbone():
-    from modelscope_utuning.tuners import attach_block_tuners, parse_tuners
+    from modelscope_utuning.tuners import attach_block_tuners, dims_of, parse_tuners
     vit = VisionTransformer(**VIT).eval()
-    attach_block_tuners(vit, parse_tuners([{'type': 'lora', 'op': 'ffn', 'rank': 2}], 2, 32))
+    attach_block_tuners(vit, parse_tuners([{'type': 'lora', 'op': 'ffn', 'rank': 2}], dims_of(vit)))
     randomize_([p for n, p in vit.named_parameters() if 'lora' in n], seed=4)
     x = imgs()
     with torch.no_grad():

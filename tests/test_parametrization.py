@@ -91,8 +91,7 @@ def test_adapter_branch_is_averaged_over_its_hidden_units():
         h = torch.randn(2, 17, 32)
         with torch.no_grad():
             a.up.weight.fill_(1e-2)  # what one AdamW step of lr 1e-2 does to every entry, signs aligned
-            from modelscope_utuning.backbone.hooks import OpContext
-            u = a.branch(OpContext('ffn', h, model.backbone.blocks[0], None))
+            u = a.branch(model.backbone.blocks[0].op_context('ffn', h, None))
             act = a.act(a.down(h))
         changes[r] = (u.abs().mean() / act.abs().mean()).item()
         torch.testing.assert_close(u, 1e-2 * act.sum(-1, keepdim=True).expand_as(u) / r, atol=1e-6, rtol=1e-4)

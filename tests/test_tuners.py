@@ -9,13 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from modelscope_utuning import VisionEfficientTuningModel
-from modelscope_utuning.backbone.hooks import OpContext
 from modelscope_utuning.backbone.vit import VisionTransformer
-from modelscope_utuning.tuners import expected_trainable_count, parse_tuners
+from modelscope_utuning.tuners import Dims, expected_trainable_count, parse_tuners
 from modelscope_utuning.tuners.spec import parse_tuner
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=0)
 C, D, H, F_MLP = 32, 2, 4, 128
+DIMS = Dims(C, H, F_MLP, D)
+
+
+def tuner_at(block, op, kind):
+    """The tuner of ``kind`` attached to ``op`` of ``block`` (``{op}_{kind}``), or None."""
+    return getattr(block, f'{op}_{kind}', None)
 N_TOKENS = (32 // 8) ** 2 + 1
 K = 3  # classes
 HEAD_PARAMS = C * K + K
@@ -207,7 +212,7 @@ def test_several_tuners_at_once():
     ]
     model = build(entries)
     randomize_trainable_(model)
-    specs = parse_tuners(entries, D, C)
+    specs = parse_tuners(entries, DIMS)
     n_trainable, _ = model.trainable_parameters()
     assert n_trainable == sum(expected_trainable_count(s, model.backbone) for s in specs) + HEAD_PARAMS
     model.train()
@@ -227,10 +232,10 @@ def test_several_tuners_at_once():
 def test_layers_selection(layers, present):
     entry = _entry('adapter', 'ffn', 'parallel', layers=layers)
     model = build([entry])
-    assert [b.tuner('ffn', 'adapter') is not None for b in model.backbone.blocks] == present
+    assert [tuner_at(b, 'ffn', 'adapter') is not None for b in model.backbone.blocks] == present
     per_layer = 2 * C * SIZE + SIZE + C + C
     assert model.trainable_parameters()[0] == sum(present) * per_layer + HEAD_PARAMS
-    spec = parse_tuner(entry, D, C)
+    spec = parse_tuner(entry, DIMS)
     assert expected_trainable_count(spec, model.backbone) == sum(present) * per_layer
 
 
@@ -244,9 +249,9 @@ def test_per_layer_size_lists(kind, key, op, form):
         entry['form'] = form
     model = build([entry])
     blocks = model.backbone.blocks
-    assert blocks[0].tuner(op, kind) is None and blocks[1].tuner(op, kind) is not None
-    spec = parse_tuner(entry, D, C)
-    assert spec.sizes == [0, 5]
+    assert tuner_at(blocks[0], op, kind) is None and tuner_at(blocks[1], op, kind) is not None
+    spec = parse_tuner(entry, DIMS)
+    assert spec.sizes == (0, 5)
     assert model.trainable_parameters()[0] == expected_trainable_count(spec, model.backbone) + HEAD_PARAMS
     model.eval()
     with torch.no_grad():
@@ -265,7 +270,7 @@ def test_layers_and_different_ops_of_same_type_coexist():
                    {'type': 'adapter', 'op': 'mha', 'dim': 4, 'layers': [0]}])
     b0, b1 = model.backbone.blocks
     assert b0.ffn_adapter.down.out_features == 4 and b1.ffn_adapter.down.out_features == 6
-    assert b0.mha_adapter is not None and b1.tuner('mha', 'adapter') is None
+    assert b0.mha_adapter is not None and tuner_at(b1, 'mha', 'adapter') is None
 
 
 def test_legacy_keys_mean_the_builtin_tuners():
@@ -276,7 +281,7 @@ def test_legacy_keys_mean_the_builtin_tuners():
         assert b.ffn_adapter.form == 'sequential'
         assert b.mha_prefix.form == 'sequential'
         assert b.block_prompt.form == 'sequential'
-    assert model.backbone.blocks[0].mha_lora.rank == 2 and model.backbone.blocks[1].tuner('mha', 'lora') is None
+    assert model.backbone.blocks[0].mha_lora.rank == 2 and tuner_at(model.backbone.blocks[1], 'mha', 'lora') is None
 
 
 # -- validation ------------------------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ INVALID = [
 @pytest.mark.parametrize('entry,fragment', INVALID, ids=[f'{i}-{f}' for i, (_, f) in enumerate(INVALID)])
 def test_invalid_entry_raises_value_error_naming_it(entry, fragment):
     with pytest.raises(ValueError) as err:
-        parse_tuners([entry], D, C)
+        parse_tuners([entry], DIMS)
     msg = str(err.value)
     assert repr(entry) in msg and fragment in msg, msg
     # the model constructor reports the same error
@@ -337,7 +342,7 @@ def test_invalid_entry_raises_value_error_naming_it(entry, fragment):
 ])
 def test_duplicate_type_op_on_same_layer(entries):
     with pytest.raises(ValueError) as err:
-        parse_tuners(entries, D, C)
+        parse_tuners(entries, DIMS)
     assert repr(entries[-1]) in str(err.value) and 'already has' in str(err.value)
     with pytest.raises(ValueError, match='already has'):
         build(entries)
@@ -345,18 +350,32 @@ def test_duplicate_type_op_on_same_layer(entries):
 
 def test_malformed_lists():
     with pytest.raises(ValueError, match='must be a list'):
-        parse_tuners({'type': 'adapter', 'dim': 4}, D, C)
+        parse_tuners({'type': 'adapter', 'dim': 4}, DIMS)
     with pytest.raises(ValueError, match='tuner entry'):
-        parse_tuners(['adapter'], D, C)
+        parse_tuners(['adapter'], DIMS)
 
 
 # -- the paper's decomposition ------------------------------------------------------------------------------------
+def op_alone(block, op, h):
+    """``OP'(h)`` of the block's mha or ffn OP with its tuners, without a residual stream (tuners that measure their
+    term in units of the residual use 1): the block's own frozen parts and hook calls, composed as its forward
+    composes them."""
+    if op == 'mha':
+        out, q = block.attention(h)
+        y, ctx = block.ls1(out), block.op_context('mha', h, None, q)
+    else:
+        y, ctx = block.ls2(block.mlp_out(h)), block.op_context('ffn', h, None)
+    for tuner in block.tuners_at(op):
+        y = tuner.combine(ctx, y)
+    return y
+
+
 def _capture_attention(block, h):
-    """Run block.mha(h) and return (output, the attention output fed to attn.proj, the MHA's q)."""
+    """Run the mha OP on h and return (output, the attention output fed to attn.proj)."""
     store = {}
     hook = block.attn.proj.register_forward_pre_hook(lambda mod, args: store.setdefault('a', args[0].clone()))
     try:
-        y = block.mha(h)
+        y = op_alone(block, 'mha', h)
     finally:
         hook.remove()
     return y, store['a']
@@ -408,7 +427,7 @@ def test_sequential_prefix_decomposition():
         pblock.load_state_dict(sd, strict=False)
         pblock.mha_prefix.key.copy_(block.mha_prefix.key)
         pblock.mha_prefix.value.copy_(block.mha_prefix.value)
-        branch = pblock.mha_prefix.branch(OpContext('mha', h, pblock, None))   # q from W_q h
+        branch = pblock.mha_prefix.branch(pblock.op_context('mha', h, None))   # q from W_q h
         torch.testing.assert_close(_heads(branch), a_pre, atol=1e-5, rtol=0)
         y_par, plain_attn = _capture_attention(pblock, h)
         torch.testing.assert_close(_heads(plain_attn), a_self, atol=1e-5, rtol=0)
@@ -438,8 +457,8 @@ def test_parallel_prefix_and_prompt_borrow_frozen_projections(op):
         P = block.__getattr__(f'{op}_prompt').tokens
         pro, _ = _explicit_attention(q, _heads(F.linear(P, Wk, bk)), _heads(F.linear(P, Wv, bv)))
         zero = torch.zeros_like(x)
-        got_pre = block.__getattr__(f'{op}_prefix').combine(OpContext(op, x, block, None), zero)
-        got_pro = block.__getattr__(f'{op}_prompt').combine(OpContext(op, x, block, None), zero)
+        got_pre = block.__getattr__(f'{op}_prefix').combine(block.op_context(op, x, None), zero)
+        got_pro = block.__getattr__(f'{op}_prompt').combine(block.op_context(op, x, None), zero)
         torch.testing.assert_close(_heads(got_pre), pre, atol=1e-5, rtol=0)
         torch.testing.assert_close(_heads(got_pro), pro, atol=1e-5, rtol=0)
 
@@ -456,7 +475,7 @@ def test_parallel_adapter_equation():
         h = torch.randn(2, N_TOKENS, C)
         a = block.ffn_adapter
         want = block.mlp(h) + a.scale.weight * a.up(F.gelu(a.down(h))) / 4   # U = A(h) / r, r = 4
-        torch.testing.assert_close(block.ffn(h), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(op_alone(block, 'ffn', h), want, atol=1e-6, rtol=0)
         s = block.mha_adapter
         y = block.attn(h)
-        torch.testing.assert_close(block.mha(h), y + s.up(F.gelu(s.down(y))), atol=1e-6, rtol=0)
+        torch.testing.assert_close(op_alone(block, 'mha', h), y + s.up(F.gelu(s.down(y))), atol=1e-6, rtol=0)

@@ -52,10 +52,6 @@ class Block(nn.Module):
         self.hooks.remove(name)
         return tuner
 
-    def tuner(self, op: str, kind: str) -> Optional[nn.Module]:
-        """The tuner attached as ``{op}_{kind}``, or None (a lookup for callers; the block never uses it)."""
-        return self._modules.get(f'{op}_{kind}')
-
     def tuners(self):
         """``(name, tuner)`` of every attached tuner, in attachment order."""
         return [(n, self._modules[n]) for n in self.hooks.names]
@@ -119,17 +115,12 @@ class Block(nn.Module):
             h = t.edit_input(point, h)
         return h
 
-    def mha(self, h: torch.Tensor) -> torch.Tensor:
-        """``mha(h) = ls1(Attn(h))`` with the tuners attached to it, alone (no residual stream: tuners that
-        measure their output in units of the residual use 1)."""
-        out, q = self.attention(self._input('mha.in', h))
-        y = self.ls1(out)
-        return self._combine(OpContext('mha', h, self, None, q), y)
-
-    def ffn(self, h: torch.Tensor) -> torch.Tensor:
-        """``ffn(h) = ls2(MLP(h))`` with the tuners attached to it, alone (see :meth:`mha`)."""
-        y = self.ls2(self.mlp_out(self._input('ffn.in', h)))
-        return self._combine(OpContext('ffn', h, self, None), y)
+    def op_context(self, op: str, h: torch.Tensor, residual: Optional[torch.Tensor],
+                   q: Optional[torch.Tensor] = None) -> OpContext:
+        """What a tuner on ``op`` reads (:class:`~.hooks.OpContext`): the OP input ``h``, the ``residual`` stream,
+        the query ``q``, and the frozen parts of this block it may borrow."""
+        ls = {'mha': self.ls1, 'ffn': self.ls2}.get(op)
+        return OpContext(op, h, residual, q, self.attn.project, self.norm1, getattr(ls, 'gamma', None))
 
     def _frozen_q(self, q: torch.Tensor) -> Optional[torch.Tensor]:
         return None if self.hooks.any(CHANGES_QUERY) else q
@@ -146,16 +137,16 @@ class Block(nn.Module):
         m = self.ls1(out)
         if self.hooks.at('mha'):  # tuners on the mha OP read the OP's own query, whatever computed it
             h1_n = h1 if n_out is None else h1[:, :n_out].contiguous()
-            m = self._combine(OpContext('mha', h1_n, self, x_n, q), m)
+            m = self._combine(self.op_context('mha', h1_n, x_n, q), m)
         q = self._frozen_q(q)
         y = x_n + self.drop_path1(m)
         h2 = self.norm2(y)
         f = self.ls2(self.mlp_out(self._input('ffn.in', h2)))
         if self.hooks.at('ffn'):
-            f = self._combine(OpContext('ffn', h2, self, y), f)
+            f = self._combine(self.op_context('ffn', h2, y), f)
         out = y + self.drop_path2(f)
         if self.hooks.at('block'):
-            out = self._combine(OpContext('block', x_n, self, x_n, q), out)
+            out = self._combine(self.op_context('block', x_n, x_n, q), out)
         return out
 
     def forward_frozen(self, x: torch.Tensor, n_out: Optional[int] = None) -> FrozenStep:
@@ -196,10 +187,10 @@ class FrozenStep(NamedTuple):
     def context(self, op: str, block: 'Block') -> OpContext:
         """The :class:`OpContext` a tuner on ``op`` reads."""
         if op == 'mha':
-            return OpContext('mha', self.h1, block, self.x, self.q)
+            return block.op_context('mha', self.h1, self.x, self.q)
         if op == 'ffn':
-            return OpContext('ffn', self.h2, block, self.y)
-        return OpContext('block', self.x, block, self.x, self.q)
+            return block.op_context('ffn', self.h2, self.y)
+        return block.op_context('block', self.x, self.x, self.q)
 
     def rows(self, n: int) -> 'FrozenStep':
         """The first ``n`` rows of every OP input (``out`` kept whole: the next block reads all of it)."""

@@ -21,17 +21,17 @@ In bypass mode the frozen block runs alone and :mod:`.bypass` calls ``delta`` of
 
 Each hook point has one method on :class:`TunerHooks` (the tuner base class implements the ones it uses and
 lists them in ``points``). The block calls the tuners registered at a point in the order they were attached;
-it never asks what kind of tuner it holds. An OP combiner gets an :class:`OpContext`: the OP input, the block,
-the residual stream the output joins, and the attention's query when it is the frozen ``W_q norm1(x)``.
+it never asks what kind of tuner it holds. An OP combiner gets an :class:`OpContext`: the OP input, the residual
+stream the output joins, the attention's query when it is the frozen ``W_q norm1(x)``, and the frozen parts of the
+block a tuner may borrow (the attention's projections, ``norm1``, the OP's layer scale), passed in by the block
+(:meth:`~.block.Block.op_context`). This module imports nothing of the backbone: it is the contract both sides
+read.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .vit import Block
 
 OPS = ('mha', 'ffn', 'block')
 LINEAR_POINTS = ('q', 'kv', 'proj', 'fc1', 'fc2')
@@ -42,16 +42,26 @@ CHANGES_QUERY = ('mha.in', 'q')
 
 
 class OpContext:
-    """What an OP combiner may read: ``h`` (the OP input), ``block``, ``residual`` (the stream the OP output is
-    added to: x for mha / block, y for ffn), ``q`` (the attention's query (B, H, n, d): on the mha OP the OP's own
-    query, however the tuners computed it; on the block OP only when it is the frozen ``W_q norm1(x)``, else
-    None). Rows: the n rows the block is computing."""
+    """What an OP combiner may read.
 
-    __slots__ = ('op', 'h', 'block', 'residual', 'q', '_rms')
+    - ``op``: 'mha', 'ffn' or 'block'; ``h`` (B, n, C): the OP input (on the block OP the block input x);
+    - ``residual`` (B, n, C): the stream the OP output is added to (x for mha / block, y for ffn), or None when
+      the OP runs alone;
+    - ``q`` (B, H, n, d): the attention's query, on the mha OP the OP's own however the tuners computed it, on the
+      block OP only when it is the frozen ``W_q norm1(x)``, else None;
+    - ``project(t, which)``: the block's frozen attention projection ``which`` in 'q', 'k', 'v' of normalised
+      tokens t (B, L, C) -> (B, H, L, d); ``norm``: the block's ``norm1``; ``gamma`` (C,): the OP's layer scale,
+      or None (no layer scale, or the block OP).
 
-    def __init__(self, op: str, h: torch.Tensor, block: "Block", residual: Optional[torch.Tensor],
-                 q: Optional[torch.Tensor] = None):
-        self.op, self.h, self.block, self.residual, self.q = op, h, block, residual, q
+    Rows: the n rows the block is computing."""
+
+    __slots__ = ('op', 'h', 'residual', 'q', 'project', 'norm', 'gamma', '_rms')
+
+    def __init__(self, op: str, h: torch.Tensor, residual: Optional[torch.Tensor], q: Optional[torch.Tensor],
+                 project: Callable[[torch.Tensor, str], torch.Tensor], norm: Callable[[torch.Tensor], torch.Tensor],
+                 gamma: Optional[torch.Tensor] = None):
+        self.op, self.h, self.residual, self.q = op, h, residual, q
+        self.project, self.norm, self.gamma = project, norm, gamma
         self._rms = None
 
     def query(self) -> torch.Tensor:
@@ -60,8 +70,7 @@ class OpContext:
         tokens), reusing the attention's q when it is exactly that."""
         if self.q is not None and self.op in ('mha', 'block'):
             return self.q
-        h = self.block.norm1(self.h) if self.op == 'block' else self.h
-        return self.block.attn.project(h, 'q')
+        return self.project(self.norm(self.h) if self.op == 'block' else self.h, 'q')
 
     def residual_rms(self) -> torch.Tensor:
         """Per-token root-mean-square of the residual stream, ``(B, n, 1)``, without gradient (computed once);
@@ -75,8 +84,7 @@ class OpContext:
 
     def layer_scale(self) -> Optional[torch.Tensor]:
         """The OP's layer-scale ``gamma`` (C,), or None (no layer scale, or the block OP)."""
-        module = {'mha': 'ls1', 'ffn': 'ls2'}.get(self.op)
-        return getattr(getattr(self.block, module), 'gamma', None) if module else None
+        return self.gamma
 
 
 class TokenState:

@@ -4,7 +4,7 @@ A tuner entry that leaves an option out means the default *of the version that w
 made parallel tuners join the residual stream in its own units, ``join: residual``, where 0.1 added them in
 absolute units, now ``join: absolute``), so a reader fills what an entry leaves out from the writer's defaults
 (:data:`WRITER_DEFAULTS`), never from today's. Writers store every option explicitly
-(:meth:`~..tuners.spec.TunerSpec.resolved_config`) together with their version, so a file written from now on
+(:meth:`~..tuners.spec.TunerSpec.to_entry`) together with their version, so a file written from now on
 does not depend on any default.
 
 Which version wrote a file (the rule for each format, :func:`writer_of_configuration`,

@@ -16,7 +16,7 @@ from typing import Iterable, List
 from .base import Dims, Tuner, dims_of, register_tuner, slot_name, tuner_class, tuner_kinds
 from .spec import TunerSpec, legacy_entries, parse_tuner, parse_tuners
 
-__all__ = ['Dims', 'Tuner', 'TunerSpec', 'attach_block_tuners', 'build_tuner', 'expected_trainable_count',
+__all__ = ['Dims', 'Tuner', 'TunerSpec', 'attach_block_tuners', 'build_tuner', 'dims_of', 'expected_trainable_count',
            'legacy_entries', 'parse_tuner', 'parse_tuners', 'register_tuner', 'slot_name', 'tuner_class',
            'tuner_kinds']
 
@@ -37,7 +37,7 @@ def _discover() -> None:
 
 
 def build_tuner(spec: TunerSpec, size: int, dims: Dims) -> Tuner:
-    return spec.kind(spec, size, dims)
+    return spec.kind.form_class(spec.form)(spec, size, dims)
 
 
 def attach_block_tuners(vit, specs: Iterable[TunerSpec]) -> None:

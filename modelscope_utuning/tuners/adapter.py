@@ -17,6 +17,7 @@ Trainable parameters: ``2 C r + r + C`` plus the scale's (parallel only).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -25,13 +26,13 @@ import torch.nn as nn
 
 from ..backbone.hooks import OpContext
 from ..backbone.vit import ACTIVATIONS, make_activation
-from .base import Dims, register_tuner, option
-from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
+from .base import Dims, Tuner, register_tuner, option
+from .parallel import ParallelConfig, ParallelTuner
 from .scale import Scale
 from .spec import legacy_size
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterConfig(ParallelConfig):
     act: str = option(None, "the hidden activation (default: the backbone's)", choices=tuple(ACTIVATIONS))
 
@@ -50,8 +51,9 @@ class Adapter(ParallelTuner):
     legacy_keys = ('adapter_length', 'adapter_type')
 
     @classmethod
-    def check(cls, spec) -> None:
-        check_parallel_options(spec)
+    def resolve(cls, spec, dims: Dims):
+        spec = super().resolve(spec, dims)
+        return dataclasses.replace(spec, options=dataclasses.replace(spec.options, act=spec.act or dims.act))
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -63,23 +65,25 @@ class Adapter(ParallelTuner):
         size = legacy_size(backbone_cfg, 'adapter_length')
         return None if size is None else {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': size}
 
+    @classmethod
+    def form_class(cls, form: str):
+        return SequentialAdapter if form == 'sequential' else cls
+
     def __init__(self, spec, size: int, dims: Dims):
+        """The parallel form (P-Adapter): ``W_up`` and ``b_up`` start at zero, so the branch starts silent."""
         super().__init__(spec, size, dims)
-        C = dims.embed_dim
-        self.down = nn.Linear(C, size)
-        self.act = make_activation(spec.act or dims.act)
-        self.up = nn.Linear(size, C)
-        if self.form == 'sequential':
-            for lin in (self.down, self.up):  # the built-in's initialisation
-                nn.init.xavier_uniform_(lin.weight)
-                nn.init.normal_(lin.bias, std=1e-6)
-        else:
-            nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-            self._init_parallel(spec, C)
+        self._layers(dims.embed_dim, size, spec.act)
+        nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self._init_parallel(spec, dims.embed_dim)
         self.points = (self.op,)
+
+    def _layers(self, C: int, size: int, act: str) -> None:
+        self.down = nn.Linear(C, size)
+        self.act = make_activation(act)
+        self.up = nn.Linear(size, C)
 
     def adapt(self, z: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(z)))
@@ -95,8 +99,19 @@ class Adapter(ParallelTuner):
         """``s * branch``, holding the bottleneck activation rather than the branch for the backward pass."""
         return self.scale.of_projection(ctx.h, self.act(self.down(ctx.h)), self.up, self._branch_factor())
 
+
+class SequentialAdapter(Adapter):
+    """The original adapter on the OP output, ``OP'(h) = OP(h) + A(OP(h))``, initialised as ModelScope's built-in
+    initialises it (so it does not start silent)."""
+
+    def __init__(self, spec, size: int, dims: Dims):
+        Tuner.__init__(self, spec, size, dims)
+        self._layers(dims.embed_dim, size, spec.act)
+        for lin in (self.down, self.up):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.normal_(lin.bias, std=1e-6)
+        self.points = (self.op,)
+
     def combine(self, ctx: OpContext, y: torch.Tensor) -> torch.Tensor:
         """``h``: the OP input, ``y = OP(h)``; both (B, n, C). Returns ``OP'(h)``."""
-        if self.form == 'sequential':
-            return y + self.adapt(y)
-        return y + self.delta(ctx)
+        return y + self.adapt(y)

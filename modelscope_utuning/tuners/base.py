@@ -3,7 +3,7 @@
 A kind is a subclass of :class:`Tuner` decorated with :func:`register_tuner`. It declares:
 
 - ``kind``: its name in configuration entries (``{"type": kind, ...}``);
-- ``Config``: a dataclass of its entry options, each field with ``metadata={'help': ...}`` (and
+- ``Config``: a frozen dataclass of its entry options, each field with ``metadata={'help': ...}`` (and
   ``'init_only': True`` for options that only set initial values, so they do not make two models differ);
 - ``ops`` / ``forms`` / ``default_op`` / ``default_form``: where it attaches and in which forms;
   ``level``: ``'block'`` (one tuner per selected layer, attached to the block as ``{op}_{kind}``) or
@@ -43,10 +43,11 @@ class Dims:
     act: str = 'gelu'
 
 
-@dataclass
+@dataclass(frozen=True)
 class TunerConfig:
-    """Options common to every entry. Kinds subclass it; ``type``, ``op``, ``form``, ``layers`` and the size
-    keys are parsed by :mod:`.spec` and are not fields here."""
+    """Options common to every entry. Kinds subclass it (frozen too); ``type``, ``op``, ``form``, ``layers`` and
+    the size keys are parsed by :mod:`.spec` and are not fields here. A field's default is its real default, or
+    ``None`` where the value comes from the backbone or the form (filled by the kind's :meth:`Tuner.resolve`)."""
 
 
 def option(default: Any, help: str, init_only: bool = False, choices: Optional[Sequence[Any]] = None):
@@ -75,7 +76,14 @@ class Tuner(nn.Module, TunerHooks):
     # -- declarations used before a module exists ----------------------------------------------------------------
     @classmethod
     def check(cls, spec) -> None:
-        """Further validation of a parsed entry (raise with ``spec.fail(message)``)."""
+        """Validate what a parsed entry says (raise with ``spec.fail(message)``); ``spec.options`` holds the
+        entry's own values, ``None`` where it gave none. Only validates: defaults are :meth:`resolve`'s."""
+
+    @classmethod
+    def resolve(cls, spec, dims: Dims):
+        """The checked ``spec`` with every default filled in for a backbone of ``dims`` (a new frozen spec, e.g.
+        ``dataclasses.replace(spec, options=...)``): the one place a kind's defaults are decided."""
+        return spec
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -94,6 +102,12 @@ class Tuner(nn.Module, TunerHooks):
     def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         """The entry meaning what ModelScope's built-in computes for this kind's ``legacy_keys`` (None if absent)."""
         return None
+
+    @classmethod
+    def form_class(cls, form: Optional[str]) -> Type['Tuner']:
+        """The module class of one form of this kind (a kind with two forms implements each in its own small
+        class, e.g. ``Adapter`` (parallel) and ``SequentialAdapter``); default: this class."""
+        return cls
 
     # -- an instance ------------------------------------------------------------------------------------------
     def __init__(self, spec, size: int, dims: Dims):

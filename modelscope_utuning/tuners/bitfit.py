@@ -14,7 +14,7 @@ import torch.nn as nn
 from .base import Dims, Tuner, TunerConfig, register_tuner
 
 
-@dataclass
+@dataclass(frozen=True)
 class BitFitConfig(TunerConfig):
     pass
 

@@ -32,10 +32,11 @@ from .spec import legacy_size
 DEFAULT_LR_RATIO = 16.0  # LoRA+'s recommended ratio of B's to A's learning rate
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoRAConfig(TunerConfig):
-    alpha: float = option(None, 'the update is scaled by alpha / rank (default alpha = rank, i.e. 1)')
-    lr_ratio: float = option(None, 'LoRA+: A learns at the tuner learning rate / lr_ratio, B at the tuner '
+    alpha: float = option(None, 'the update is scaled by alpha / rank (null, the default: alpha = rank, i.e. 1, on '
+                                'every layer whatever its rank)')
+    lr_ratio: float = option(DEFAULT_LR_RATIO, 'LoRA+: A learns at the tuner learning rate / lr_ratio, B at the tuner '
                                    'learning rate (default 16; 1: both alike, as plain LoRA)')
 
 
@@ -64,8 +65,10 @@ class LoRA(Tuner):
             spec.fail("LoRA has a single form; leave 'form' out (or 'parallel')")
         if spec.op == 'block':
             spec.fail("LoRA adapts weight matrices: op must be 'mha' (qkv) or 'ffn' (fc1, fc2)")
-        if spec.options.lr_ratio is None:  # resolved here, so that saved entries record it
-            spec.options.lr_ratio = DEFAULT_LR_RATIO
+        for name in ('alpha', 'lr_ratio'):
+            value = getattr(spec.options, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                spec.fail(f'{name} must be a positive number, got {value!r}')
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -82,9 +85,7 @@ class LoRA(Tuner):
         self.rank = size
         alpha = spec.alpha
         self.scaling = (alpha if alpha is not None else size) / size
-        self.lr_ratio = float(spec.lr_ratio) if spec.lr_ratio is not None else DEFAULT_LR_RATIO
-        if not self.lr_ratio > 0:
-            spec.fail(f'lr_ratio must be a positive number, got {spec.lr_ratio!r}')
+        self.lr_ratio = float(spec.lr_ratio)
         C = dims.embed_dim
         if self.op == 'mha':
             self.lora_a, self.lora_b = _pair(C, 3 * C, size)

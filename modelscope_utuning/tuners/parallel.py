@@ -28,6 +28,7 @@ equals the frozen one at step 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,43 +39,52 @@ from .scale import SCALES, Scale
 
 JOINS = ('residual', 'layer_scale', 'absolute')
 DEFAULT_JOIN = 'residual'
+DEFAULT_SCALE = 'channel'
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig(TunerConfig):
     scale: str = option(None, "the learned scale s: 'none', 'scalar', 'channel' (default for the parallel form) "
                               "or 'input' (s(h) = h w + b)", choices=SCALES)
-    scale_init: float = option(None, "the scale's initial value (default: the kind's)", init_only=True)
+    scale_init: float = option(None, "the scale's initial value (default: the kind's, 1; a P-Prompt's 0)",
+                               init_only=True)
     join: str = option(None, "where s U(h) joins: 'residual' (default: after the layer scale, in units of the "
                              "residual stream), 'layer_scale' (before it) or 'absolute'", choices=JOINS)
 
 
-def check_parallel_options(spec) -> None:
-    """Scale and join belong to the parallel form only."""
-    o = spec.options
-    if spec.form == 'sequential':
-        if o.scale not in (None, 'none'):
-            spec.fail('the sequential (original) form has no learned scale; use form "parallel"')
-        if o.join is not None:
-            spec.fail('the sequential (original) form computes what the built-in computes; "join" is an option '
-                      'of the parallel form')
-        o.scale = 'none'
-    else:
-        o.scale = o.scale or 'channel'
-        o.join = o.join or DEFAULT_JOIN
-
-
 class ParallelTuner(Tuner):
-    """Base of the parallel forms: subclasses compute :meth:`branch`; ``combine`` adds ``delta``."""
+    """Base of the kinds with a parallel form: subclasses compute :meth:`branch`; ``combine`` adds ``delta``.
+    Their entries have the options of :class:`ParallelConfig`, which only the parallel form has."""
 
     bypass_forms = ('parallel',)
-    default_scale_init = 1.0
+    default_scale_init = 1.0  # the scale's initial value unless the entry gives one (a kind may start at 0)
+
+    @classmethod
+    def check(cls, spec) -> None:
+        """Scale, its initial value and the join belong to the parallel form only."""
+        if spec.form == 'sequential':
+            o = spec.options
+            if o.scale not in (None, 'none'):
+                spec.fail('the sequential (original) form has no learned scale; use form "parallel"')
+            for name in ('scale_init', 'join'):
+                if getattr(o, name) is not None:
+                    spec.fail(f'the sequential (original) form computes what the built-in computes; "{name}" is '
+                              'an option of the parallel form')
+
+    @classmethod
+    def resolve(cls, spec, dims):
+        """Parallel: scale ``channel``, join ``residual``, the kind's initial scale; sequential: no scale."""
+        o = spec.options
+        if spec.form == 'sequential':
+            o = dataclasses.replace(o, scale='none')
+        else:
+            o = dataclasses.replace(o, scale=o.scale or DEFAULT_SCALE, join=o.join or DEFAULT_JOIN,
+                                    scale_init=cls.default_scale_init if o.scale_init is None else o.scale_init)
+        return dataclasses.replace(spec, options=o)
 
     def _init_parallel(self, spec, dim: int) -> None:
-        o = spec.options
-        init = self.default_scale_init if o.scale_init is None else o.scale_init
-        self.scale = Scale(o.scale or 'channel', dim, init)
-        self.join = o.join or DEFAULT_JOIN
+        self.scale = Scale(spec.scale, dim, spec.scale_init)
+        self.join = spec.join
 
     def branch(self, ctx: OpContext) -> torch.Tensor:
         """``U(h)`` (B, n, C)."""

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from ..backbone.hooks import OpContext
 from .attention import attend, split_heads
-from .base import Dims, register_tuner
-from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
+from .base import Dims, Tuner, register_tuner
+from .parallel import ParallelConfig, ParallelTuner
 from .scale import Scale
 from .spec import legacy_size
 
@@ -46,7 +46,7 @@ class Prefix(ParallelTuner):
         if spec.form == 'sequential' and spec.op != 'mha':
             spec.fail("a sequential prefix extends the MHA's keys and values: op must be 'mha' "
                       "(use form 'parallel' for the ffn / block OPs)")
-        check_parallel_options(spec)
+        super().check(spec)
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -58,34 +58,51 @@ class Prefix(ParallelTuner):
         size = legacy_size(backbone_cfg, 'prefix_length')
         return None if size is None else {'type': 'prefix', 'op': 'mha', 'form': 'sequential', 'length': size}
 
+    @classmethod
+    def form_class(cls, form: str):
+        return SequentialPrefix if form == 'sequential' else cls
+
     def __init__(self, spec, size: int, dims: Dims):
+        """The parallel form (P-Prefix): ``V_pre`` starts at zero, so the branch starts silent."""
         super().__init__(spec, size, dims)
-        C = dims.embed_dim
+        self._prefix(size, dims)
+        nn.init.zeros_(self.value)
+        self._init_parallel(spec, dims.embed_dim)
+        self.points = (self.op,)
+
+    def _prefix(self, size: int, dims: Dims) -> None:
         self.num_heads = dims.num_heads
-        self.key = nn.Parameter(torch.empty(1, size, C))
-        self.value = nn.Parameter(torch.empty(1, size, C))
+        self.key = nn.Parameter(torch.empty(1, size, dims.embed_dim))
+        self.value = nn.Parameter(torch.empty(1, size, dims.embed_dim))
         nn.init.xavier_uniform_(self.key)
-        if self.form == 'sequential':
-            nn.init.xavier_uniform_(self.value)
-            self.points = ('extra_kv',)
-        else:
-            nn.init.zeros_(self.value)
-            self._init_parallel(spec, C)
-            self.points = (self.op,)
 
     def no_weight_decay(self) -> set:
         return {'key', 'value'}
 
     def borrows(self):
         # On the mha OP the query is the attention's own: merging into W_q changes both alike.
-        return ('q',) if self.form == 'parallel' and self.op != 'mha' else ()
+        return ('q',) if self.op != 'mha' else ()
+
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        """``Attn(W_q h, K_pre, V_pre)``."""
+        return attend(ctx.query(), split_heads(self.key, self.num_heads), split_heads(self.value, self.num_heads))
+
+
+class SequentialPrefix(Prefix):
+    """The original prefix (mha OP only): its keys and values join the MHA's own at the ``extra_kv`` point,
+    initialised as ModelScope's built-in initialises them."""
+
+    def __init__(self, spec, size: int, dims: Dims):
+        Tuner.__init__(self, spec, size, dims)
+        self._prefix(size, dims)
+        nn.init.xavier_uniform_(self.value)
+        self.points = ('extra_kv',)
+
+    def borrows(self):
+        return ()
 
     def extra_kv(self, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sequential form: the prefix keys / values as (B, H, L, d), to concatenate inside the MHA."""
+        """The prefix keys / values as (B, H, L, d), to concatenate inside the MHA."""
         k = split_heads(self.key, self.num_heads).expand(batch, -1, -1, -1)
         v = split_heads(self.value, self.num_heads).expand(batch, -1, -1, -1)
         return k, v
-
-    def branch(self, ctx: OpContext) -> torch.Tensor:
-        """Parallel form: ``Attn(W_q h, K_pre, V_pre)``."""
-        return attend(ctx.query(), split_heads(self.key, self.num_heads), split_heads(self.value, self.num_heads))

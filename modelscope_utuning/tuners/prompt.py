@@ -25,8 +25,8 @@ import torch.nn as nn
 
 from ..backbone.hooks import OpContext, TokenState
 from .attention import attend
-from .base import Dims, register_tuner
-from .parallel import ParallelConfig, ParallelTuner, check_parallel_options
+from .base import Dims, Tuner, register_tuner
+from .parallel import ParallelConfig, ParallelTuner
 from .scale import Scale
 from .spec import legacy_size
 
@@ -48,7 +48,7 @@ class Prompt(ParallelTuner):
         if spec.form == 'sequential' and spec.op != 'block':
             spec.fail("a sequential prompt adds tokens to the block input: op must be 'block' "
                       "(use form 'parallel' for the mha / ffn OPs)")
-        check_parallel_options(spec)
+        super().check(spec)
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -60,30 +60,48 @@ class Prompt(ParallelTuner):
         size = legacy_size(backbone_cfg, 'prompt_length')
         return None if size is None else {'type': 'prompt', 'op': 'block', 'form': 'sequential', 'length': size}
 
+    @classmethod
+    def form_class(cls, form: str):
+        return SequentialPrompt if form == 'sequential' else cls
+
     def __init__(self, spec, size: int, dims: Dims):
+        """The parallel form (P-Prompt): the scale starts at zero, so the branch starts silent."""
         super().__init__(spec, size, dims)
         self.length = size
         self.tokens = nn.Parameter(torch.empty(1, size, dims.embed_dim))
-        if self.form == 'parallel':
-            self._init_parallel(spec, dims.embed_dim)
-            if self.join == 'absolute':
-                nn.init.xavier_uniform_(self.tokens)
-            else:
-                nn.init.normal_(self.tokens)
-            self.points = (self.op,)
+        self._init_parallel(spec, dims.embed_dim)
+        if self.join == 'absolute':
+            nn.init.xavier_uniform_(self.tokens)
         else:
-            nn.init.xavier_uniform_(self.tokens)  # the built-in's initialisation
-            self.points = ('tokens',)
+            nn.init.normal_(self.tokens)
+        self.points = (self.op,)
 
     def no_weight_decay(self) -> set:
         return {'tokens'}
 
     def borrows(self):
-        if self.form != 'parallel':
-            return ()
         return ('k', 'v') if self.op == 'mha' else ('q', 'k', 'v')
 
-    # -- sequential: the tokens hook point ---------------------------------------------------------------------
+    def branch(self, ctx: OpContext) -> torch.Tensor:
+        """``Attn(W_q h, W_k P + b_k, W_v P + b_v)``."""
+        tokens = self.tokens.to(ctx.h.dtype)
+        return attend(ctx.query(), ctx.project(tokens, 'k'), ctx.project(tokens, 'v'))
+
+
+class SequentialPrompt(Prompt):
+    """The original VPT-deep prompts (block OP only): tokens that join the sequence at the ``tokens`` point,
+    initialised as ModelScope's built-in initialises them."""
+
+    def __init__(self, spec, size: int, dims: Dims):
+        Tuner.__init__(self, spec, size, dims)
+        self.length = size
+        self.tokens = nn.Parameter(torch.empty(1, size, dims.embed_dim))
+        nn.init.xavier_uniform_(self.tokens)
+        self.points = ('tokens',)
+
+    def borrows(self):
+        return ()
+
     def drops_rows(self, state: TokenState) -> int:
         return state.appended
 
@@ -93,10 +111,3 @@ class Prompt(ParallelTuner):
             x = x[:, :-state.appended]
         state.appended = self.length
         return torch.cat((x, self.tokens.expand(x.shape[0], -1, -1).to(x.dtype)), dim=1)
-
-    # -- parallel ----------------------------------------------------------------------------------------------
-    def branch(self, ctx: OpContext) -> torch.Tensor:
-        """``Attn(W_q h, W_k P + b_k, W_v P + b_v)``."""
-        attn = ctx.block.attn
-        tokens = self.tokens.to(ctx.h.dtype)
-        return attend(ctx.query(), attn.project(tokens, 'k'), attn.project(tokens, 'v'))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .base import Dims, Tuner, TunerConfig, option, register_tuner
 
 
-@dataclass
+@dataclass(frozen=True)
 class RepAdapterConfig(TunerConfig):
     groups: int = option(2, 'block-diagonal groups of W_up (the paper uses 2); dim and the width must divide')
     scaling: float = option(1.0, 'the fixed scale s of the branch')

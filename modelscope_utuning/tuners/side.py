@@ -7,6 +7,7 @@ torchvision weights and is not offered.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -40,7 +41,7 @@ class FCN4(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-@dataclass
+@dataclass(frozen=True)
 class SideConfig(TunerConfig):
     net: str = option('fcn4', "the side network: 'fcn4' (the only one that needs no downloaded weights)")
 
@@ -60,9 +61,14 @@ class SideTuner(Tuner):
         dim = spec.sizes[0] if spec.source.keys() & set(cls.size_keys) else spec.embed_dim
         if dim != spec.embed_dim:
             spec.fail(f'the side network output must equal the backbone width {spec.embed_dim}, got {dim}')
-        spec.sizes = [1] * len(spec.sizes)
         if str(spec.net).lower() != 'fcn4':
             spec.fail(f"net={spec.net!r} is not supported offline; expected 'fcn4'")
+
+    @classmethod
+    def resolve(cls, spec, dims: Dims):
+        # One side network per model; its width is the backbone's (checked above), not a per-layer size.
+        return dataclasses.replace(spec, sizes=(1,) * len(spec.sizes),
+                                   options=dataclasses.replace(spec.options, net=str(spec.net).lower()))
 
     @classmethod
     def count_trainable(cls, spec, backbone) -> int:

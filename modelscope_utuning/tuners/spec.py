@@ -11,28 +11,34 @@ One entry per tuner kind and OP, e.g.::
 rank) may be a per-layer list, where 0 means "no tuner on that layer". Everything a kind accepts comes from its
 declaration (:mod:`.base`): this module knows no kind by name. The legacy hub keys (``adapter_length`` ...) are
 translated by the kind that answers them (:meth:`~.base.Tuner.legacy_entry`).
+
+Parsing is one pass: ``entry -> check -> resolve -> TunerSpec``. The kind's :meth:`~.base.Tuner.check` only
+validates what the entry says; its :meth:`~.base.Tuner.resolve` fills in every default (its real value on this
+backbone: the backbone's activation, the parallel form's scale and join ...). The spec it returns is frozen:
+no later code fills or changes a default. What every file stores is :meth:`TunerSpec.to_entry`, which parses back
+to an equal spec.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Type, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 from ..backbone.hooks import OPS
-from .base import Tuner, TunerConfig, tuner_kinds
+from .base import Dims, Tuner, TunerConfig, tuner_kinds
 
-COMMON_KEYS = ('type', 'op', 'form', 'layers')
-
-
-@dataclass
+@dataclass(frozen=True)
 class TunerSpec:
-    """One validated entry; ``sizes[i]`` is its size on layer i (0: absent there)."""
+    """One validated, resolved entry; ``sizes[i]`` is its size on layer i (0: absent there). ``options`` holds every
+    option of the kind with its resolved value (``None`` only where the kind documents it as a value, e.g. LoRA's
+    ``alpha``: the rank). ``source`` is the entry as written, kept for error messages."""
     type: str
     op: Optional[str] = None
     form: Optional[str] = None
-    sizes: List[int] = field(default_factory=list)
+    sizes: Tuple[int, ...] = ()
     options: TunerConfig = field(default_factory=TunerConfig)
-    source: Dict[str, Any] = field(default_factory=dict)
+    source: Mapping[str, Any] = field(default_factory=dict, compare=False)
     embed_dim: int = 0  # the backbone width it was parsed for
 
     @property
@@ -49,22 +55,19 @@ class TunerSpec:
     def fail(self, message: str) -> None:
         _fail(self.source, message)
 
-    def to_config(self) -> Dict[str, Any]:
-        """The entry as it reads in configuration.json (the original entry, as the user wrote it)."""
-        return dict(self.source)
-
-    def resolved_config(self) -> Dict[str, Any]:
-        """The entry with everything it was built with written out: ``op`` and ``form`` (block kinds) and every
-        option of its kind, so that a saved entry means the same to a later version whose defaults differ (see
-        :mod:`..checkpoint.migrate`). A ``null`` option is one the kind derives from elsewhere (LoRA's ``alpha``:
-        the rank; an adapter's ``act``: the backbone's; ``scale_init``: the kind's initial value)."""
-        entry = dict(self.source)
-        if self.kind.level == 'block':
-            entry.setdefault('op', self.op)
-            entry.setdefault('form', self.form)
-        for f in dataclasses.fields(self.options):
-            if f.name not in entry or entry[f.name] is None:
-                entry[f.name] = getattr(self.options, f.name)
+    def to_entry(self) -> Dict[str, Any]:
+        """The entry every file stores: as written (its ``layers`` and per-layer sizes), the size under the kind's
+        canonical key (``dim`` / ``length`` / ``rank``: the first of its ``size_keys``), ``op`` and ``form``
+        (block kinds) and every option resolved, so that a saved entry means the same to a later version whose
+        defaults differ (see :mod:`..checkpoint.migrate`). ``parse_tuner(spec.to_entry(), dims) == spec``."""
+        cls = self.kind
+        entry = {k: v for k, v in self.source.items() if k not in cls.size_keys}
+        given = next((k for k in cls.size_keys if k in self.source), None)
+        if given is not None:
+            entry[cls.size_keys[0]] = copy.deepcopy(self.source[given])
+        if cls.level == 'block':
+            entry['op'], entry['form'] = self.op, self.form
+        entry.update(dataclasses.asdict(self.options))
         return entry
 
     def signature(self) -> tuple:
@@ -120,8 +123,9 @@ def _options(cls: Type[Tuner], entry: Dict[str, Any]) -> TunerConfig:
     return cls.Config(**values)
 
 
-def parse_tuner(entry: Dict[str, Any], depth: int, embed_dim: int) -> TunerSpec:
-    """Validate one configuration entry; raise ValueError naming the entry on anything wrong."""
+def parse_tuner(entry: Dict[str, Any], dims: Dims) -> TunerSpec:
+    """Validate one configuration entry for a backbone of ``dims`` and resolve it (module docstring); raise
+    ValueError naming the entry on anything wrong."""
     if not isinstance(entry, dict):
         _fail(entry, 'expected a mapping with a "type" key')
     kinds = tuner_kinds()
@@ -135,35 +139,38 @@ def parse_tuner(entry: Dict[str, Any], depth: int, embed_dim: int) -> TunerSpec:
     unknown = set(entry) - allowed
     if unknown:
         _fail(entry, f'unknown key(s) {sorted(unknown)} for a {kind} tuner; allowed: {sorted(allowed)}')
-    spec = TunerSpec(type=kind, source=dict(entry), embed_dim=embed_dim)
-    size_key = next((k for k in cls.size_keys if k in entry), None)
-    if size_key is None:
+    given = [k for k in cls.size_keys if k in entry]
+    if len(given) > 1:
+        _fail(entry, f'{" and ".join(given)} both give the size; write one ({cls.size_keys[0]!r})')
+    if not given:
         if cls.size_required:
             _fail(entry, f'a {kind} tuner needs a size: one of {cls.size_keys}')
         size: Any = 1
     else:
-        size = entry[size_key]
+        size = entry[given[0]]
         if isinstance(size, (int, float)) and not isinstance(size, bool) and size <= 0:
-            _fail(entry, f'{size_key} must be > 0, got {size}')
+            _fail(entry, f'{given[0]} must be > 0, got {size}')
+    depth = dims.depth
+    op = form = None
     if cls.level == 'block':
-        spec.sizes = _layer_sizes(entry, size, depth)
-        spec.op = entry.get('op', cls.default_op)
-        if spec.op not in OPS:
-            _fail(entry, f'unknown op {spec.op!r}; expected one of {OPS}')
-        spec.form = entry.get('form', cls.default_form)
-        if spec.form not in ('parallel', 'sequential'):
-            _fail(entry, f"unknown form {spec.form!r}; expected one of ('sequential', 'parallel')")
+        sizes = _layer_sizes(entry, size, depth)
+        op = entry.get('op', cls.default_op)
+        if op not in OPS:
+            _fail(entry, f'unknown op {op!r}; expected one of {OPS}')
+        form = entry.get('form', cls.default_form)
+        if form not in ('parallel', 'sequential'):
+            _fail(entry, f"unknown form {form!r}; expected one of ('sequential', 'parallel')")
     else:
-        spec.sizes = _layer_sizes(entry, size, depth) if 'layers' in entry or isinstance(size, list) \
-            else [size] * depth
-    spec.options = _options(cls, entry)
+        sizes = _layer_sizes(entry, size, depth) if 'layers' in entry or isinstance(size, list) else [size] * depth
+    spec = TunerSpec(type=kind, op=op, form=form, sizes=tuple(sizes), options=_options(cls, entry),
+                     source=copy.deepcopy(entry), embed_dim=dims.embed_dim)
     cls.check(spec)
     if cls.level == 'block':
         if spec.form not in cls.forms:
             _fail(entry, f'a {kind} tuner has the form(s) {cls.forms}, not {spec.form!r}')
         if spec.op not in cls.ops:
             _fail(entry, f'a {kind} tuner attaches to op {" or ".join(map(repr, cls.ops))}, not {spec.op!r}')
-    return spec
+    return cls.resolve(spec, dims)
 
 
 def legacy_entries(backbone_cfg: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -187,13 +194,13 @@ def legacy_size(backbone_cfg: Dict[str, Any], key: str) -> Optional[Union[int, L
     return sizes
 
 
-def parse_tuners(entries: Optional[Sequence[Dict[str, Any]]], depth: int, embed_dim: int) -> List[TunerSpec]:
+def parse_tuners(entries: Optional[Sequence[Dict[str, Any]]], dims: Dims) -> List[TunerSpec]:
     """Validate a whole list: every entry, and that no (type, op) pair is configured twice on a layer."""
     if entries is None:
         return []
     if not isinstance(entries, (list, tuple)):
         raise ValueError(f'model.backbone.tuners must be a list of tuner entries, got {entries!r}')
-    specs = [parse_tuner(e, depth, embed_dim) for e in entries]
+    specs = [parse_tuner(e, dims) for e in entries]
     seen: Dict[tuple, List[TunerSpec]] = {}
     for spec in specs:
         key = (spec.type, spec.op)

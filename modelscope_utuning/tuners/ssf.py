@@ -33,7 +33,7 @@ def _widths(dims: Dims) -> Dict[str, int]:
     return {'q': C, 'kv': 2 * C, 'proj': C, 'fc1': dims.mlp_hidden, 'fc2': C}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SSFConfig(TunerConfig):
     init_std: float = option(0.0, 'spread of the initial scale (around 1) and shift (around 0); 0: the frozen '
                                   'model at the start, the paper uses 0.02', init_only=True)
@@ -56,7 +56,7 @@ class SSF(Tuner):
     def __init__(self, spec, size: int, dims: Dims):
         super().__init__(spec, size, dims)
         self.points = POINTS[self.op]
-        std = float(spec.init_std or 0.0)
+        std = float(spec.init_std)
         widths = _widths(dims)
         self.scale = nn.ParameterDict({p: nn.Parameter(1.0 + std * torch.randn(widths[p])) for p in self.points})
         self.shift = nn.ParameterDict({p: nn.Parameter(std * torch.randn(widths[p])) for p in self.points})

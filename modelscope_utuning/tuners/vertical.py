@@ -16,6 +16,7 @@ composition, whatever its scale. Layer 0 has no stream before it and takes no ve
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ from .base import Dims, Tuner, TunerConfig, option, register_tuner
 from .scale import SCALES, Scale
 
 
-@dataclass
+@dataclass(frozen=True)
 class VerticalConfig(TunerConfig):
     scale: str = option('channel', "the learned scale s: 'none', 'scalar', 'channel' or 'input'", choices=SCALES)
     scale_init: float = option(1.0, "the scale's initial value", init_only=True)
@@ -44,10 +45,14 @@ class Vertical(Tuner):
 
     @classmethod
     def check(cls, spec) -> None:
-        if spec.sizes and spec.sizes[0]:
-            if 'layers' in spec.source or isinstance(spec.source.get('dim'), list):
-                spec.fail('layer 0 has no bypass stream before it: a vertical tuner starts at layer 1')
-            spec.sizes[0] = 0  # "all layers" means every layer that has a stream to carry
+        if spec.sizes and spec.sizes[0] and ('layers' in spec.source or isinstance(spec.source.get('dim'), list)):
+            spec.fail('layer 0 has no bypass stream before it: a vertical tuner starts at layer 1')
+
+    @classmethod
+    def resolve(cls, spec, dims: Dims):
+        # "all layers" means every layer that has a stream to carry: layer 0 has none.
+        return dataclasses.replace(spec, sizes=(0,) + tuple(spec.sizes[1:]),
+                                   options=dataclasses.replace(spec.options, act=spec.act or dims.act))
 
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
@@ -58,7 +63,7 @@ class Vertical(Tuner):
         super().__init__(spec, size, dims)
         C = dims.embed_dim
         self.down = nn.Linear(C, size)
-        self.act = make_activation(spec.act or dims.act)
+        self.act = make_activation(spec.act)
         self.up = nn.Linear(size, C)
         nn.init.kaiming_uniform_(self.down.weight, a=5 ** 0.5)
         nn.init.zeros_(self.down.bias)
