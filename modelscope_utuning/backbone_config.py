@@ -55,12 +55,3 @@ def without_kinds(cfg: Dict[str, Any], kinds) -> Dict[str, Any]:
     if out.get('tuners'):
         out['tuners'] = [e for e in out['tuners'] if not (isinstance(e, dict) and e.get('type') in kinds)]
     return out
-
-
-def build_backbone(vit_kwargs: Dict[str, Any], entries: List[Dict[str, Any]]):
-    """A VisionTransformer with the block-level tuners of ``entries`` attached -> (vit, parsed specs)."""
-    from .tuners import attach_block_tuners, dims_of, parse_tuners
-    vit = VisionTransformer(**vit_kwargs)
-    specs = parse_tuners(entries, dims_of(vit))
-    attach_block_tuners(vit, specs)
-    return vit, specs

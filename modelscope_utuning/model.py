@@ -22,7 +22,7 @@ from .checkpoint.merge import has_tuners, merge_block_tuners
 from .fileio import read_json_object
 from .head import ClassifierHead
 from .location import locate_model_source
-from .network import VisionEfficientTuning
+from .network import VisionEfficientTuning, as_network
 from .registration import register_class
 from .tuners.spec import TunerSpec
 
@@ -247,23 +247,15 @@ def _fill_from_checkpoint(backbone_cfg: Dict[str, Any], head_cfg: Dict[str, Any]
 
 
 # -- the public helpers, on any of our model objects --------------------------------------------------------------
-def _network(model) -> VisionEfficientTuning:
-    if isinstance(model, VisionEfficientTuningModel):
-        return model.model
-    if isinstance(model, VisionEfficientTuning):
-        return model
-    raise TypeError(f'expected a VisionEfficientTuningModel or VisionEfficientTuning, got {type(model).__name__}')
-
-
 def save_tuners(model, folder: str, base_path: bool = True) -> Dict[str, str]:
     """Write the tuner-only files of ``model`` into ``folder`` (see :mod:`.checkpoint.tuner_only`); ``base_path``:
     record the path of its base weights file, so that :func:`model_from_tuners` finds it on this machine."""
-    return _network(model).save_tuners(folder, base_path)
+    return as_network(model).save_tuners(folder, base_path)
 
 
 def load_tuners(model, folder: str, strict: bool = True) -> Dict[str, Any]:
     """Load a tuner-only export into ``model`` (built on the same base with the same tuners)."""
-    return _network(model).load_tuners(folder, strict)
+    return as_network(model).load_tuners(folder, strict)
 
 
 def model_from_tuners(folder: str, pretrained_weights: Optional[str] = None,
@@ -322,13 +314,13 @@ def merge_lora(model):
     if isinstance(model, VisionTransformer):
         merge_block_tuners(model, ('lora',))
     else:
-        target = model if isinstance(model, VisionEfficientTuningModel) else _network(model)
+        target = model if isinstance(model, VisionEfficientTuningModel) else as_network(model)
         target.merge(('lora',))
     return model
 
 
 def has_lora(model) -> bool:
-    vit = model if isinstance(model, VisionTransformer) else _network(model).backbone
+    vit = model if isinstance(model, VisionTransformer) else as_network(model).backbone
     return has_tuners(vit, ('lora',))
 
 

@@ -259,3 +259,18 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
         return cfg
 
 
+def as_network(obj: Any) -> VisionEfficientTuning:
+    """Our plain-torch network inside ``obj``: the network itself (or a subclass, e.g. the segmentation network),
+    the ModelScope model around it (its ``.model``), or either wrapped by DistributedDataParallel (``.module``).
+    The one place a caller unwraps; a TypeError names anything else."""
+    seen = obj
+    for _ in range(3):  # DDP(model) -> model -> network
+        if isinstance(obj, VisionEfficientTuning):
+            return obj
+        inner = obj._modules.get('module') or obj._modules.get('model') if isinstance(obj, nn.Module) else None
+        if inner is None:
+            break
+        obj = inner
+    raise TypeError(f'expected one of our models (VisionEfficientTuningModel or VisionEfficientTuning, possibly '
+                    f'wrapped by DistributedDataParallel), got {type(seen).__name__}')
+

@@ -8,11 +8,20 @@ import torch.nn.functional as F
 
 from modelscope_utuning.backbone import VisionTransformer, resample_abs_pos_embed
 from modelscope_utuning.backbone.vit import QuickGELU
-from modelscope_utuning.backbone_config import build_backbone, split_backbone_config
+from modelscope_utuning.backbone_config import split_backbone_config
+from modelscope_utuning.tuners import attach_block_tuners, dims_of, parse_tuners
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 C, GRID = 32, 4
 N = GRID * GRID
+
+
+def build_backbone(vit_kwargs, entries):
+    """A VisionTransformer with the block-level tuners of ``entries`` attached -> (vit, parsed specs)."""
+    vit = VisionTransformer(**vit_kwargs)
+    specs = parse_tuners(entries, dims_of(vit))
+    attach_block_tuners(vit, specs)
+    return vit, specs
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

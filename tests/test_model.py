@@ -416,3 +416,23 @@ def test_finetune_with_another_tuner_size_starts_those_tuners_fresh():
         Model.from_pretrained(here, backbone=dict(cfg))
     tuned = Model.from_pretrained(here, backbone=dict(cfg), finetune=True)
     assert tuned.backbone.blocks[0].ffn_adapter.down.weight.shape == (4, 32)
+
+
+def test_as_network_unwraps_every_form_of_our_model_and_names_anything_else():
+    import torch.nn as nn
+    from modelscope_utuning.network import as_network
+    model = VisionEfficientTuningModel(model_dir=None, backbone=dict(
+        type='VitB16_UTuning', img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=0),
+        head={'num_classes': 3})
+
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like from outside: the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    net = model.model
+    assert as_network(net) is net and as_network(model) is net and as_network(Wrapper(model)) is net
+    with pytest.raises(TypeError, match='got Linear'):
+        as_network(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match='got str'):
+        as_network('model')

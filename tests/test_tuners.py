@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from modelscope_utuning import VisionEfficientTuningModel
 from modelscope_utuning.backbone.vit import VisionTransformer
-from modelscope_utuning.tuners import Dims, expected_trainable_count, parse_tuners
+from modelscope_utuning.tuners import Dims, parse_tuners
 from modelscope_utuning.tuners.spec import parse_tuner
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=0)
@@ -214,7 +214,7 @@ def test_several_tuners_at_once():
     randomize_trainable_(model)
     specs = parse_tuners(entries, DIMS)
     n_trainable, _ = model.trainable_parameters()
-    assert n_trainable == sum(expected_trainable_count(s, model.backbone) for s in specs) + HEAD_PARAMS
+    assert n_trainable == sum(s.kind.count_trainable(s, model.backbone) for s in specs) + HEAD_PARAMS
     model.train()
     model({'imgs': images(), 'labels': torch.tensor([1, 2])})['loss'].backward()
     for n, p in model.model.named_parameters():
@@ -236,7 +236,7 @@ def test_layers_selection(layers, present):
     per_layer = 2 * C * SIZE + SIZE + C + C
     assert model.trainable_parameters()[0] == sum(present) * per_layer + HEAD_PARAMS
     spec = parse_tuner(entry, DIMS)
-    assert expected_trainable_count(spec, model.backbone) == sum(present) * per_layer
+    assert spec.kind.count_trainable(spec, model.backbone) == sum(present) * per_layer
 
 
 @pytest.mark.parametrize('kind,key,op,form', [('adapter', 'dim', 'mha', 'parallel'),
@@ -252,7 +252,7 @@ def test_per_layer_size_lists(kind, key, op, form):
     assert tuner_at(blocks[0], op, kind) is None and tuner_at(blocks[1], op, kind) is not None
     spec = parse_tuner(entry, DIMS)
     assert spec.sizes == (0, 5)
-    assert model.trainable_parameters()[0] == expected_trainable_count(spec, model.backbone) + HEAD_PARAMS
+    assert model.trainable_parameters()[0] == spec.kind.count_trainable(spec, model.backbone) + HEAD_PARAMS
     model.eval()
     with torch.no_grad():
         assert model({'imgs': images()})['scores'].shape == (2, K)

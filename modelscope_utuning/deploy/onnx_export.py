@@ -40,8 +40,7 @@ import torch.nn as nn
 
 from ..extras import require
 from ..fileio import read_json_object, write_text_atomic
-from ..model import VisionEfficientTuningModel
-from ..network import VisionEfficientTuning
+from ..network import VisionEfficientTuning, as_network
 from ..preprocessing.preprocessor import OUR_TYPE
 
 ONNX_FILE = 'model.onnx'
@@ -78,18 +77,10 @@ class ExportedClassifier(nn.Module):
         return torch.softmax(logits, dim=1), logits
 
 
-def _network(model) -> VisionEfficientTuning:
-    if isinstance(model, VisionEfficientTuningModel):
-        return model.model
-    if isinstance(model, VisionEfficientTuning):
-        return model
-    raise TypeError(f'expected a VisionEfficientTuningModel or VisionEfficientTuning, got {type(model).__name__}')
-
-
 def merged_copy(model) -> Tuple[VisionEfficientTuning, List[str], List[str]]:
     """A float32 eval-mode copy of ``model``'s network with every mergeable tuner kind folded in where that keeps
     the outputs -> (network, merged kinds, notes on kinds left unmerged). The caller's model is not touched."""
-    net = copy.deepcopy(_network(model)).float().eval()
+    net = copy.deepcopy(as_network(model)).float().eval()
     kinds = sorted({t.kind for _, t, _ in net.tuners() if t.mergeable})
     if not kinds:
         return net, [], []
@@ -133,7 +124,7 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     model or its network); ``cfg``: its configuration (read from ``model.model_dir`` when None). Returns
     ``{'onnx': path, 'merged': [kinds], 'notes': [...], 'opset': int}``."""
     require_exporter()
-    net0 = _network(model)
+    net0 = as_network(model)
     img_size = tuple(net0.backbone.patch_embed.img_size)
     full = _configuration(model, cfg)
     pre = _inference_preprocessor(full, img_size)  # the pipeline's own preprocessor for this configuration
@@ -143,7 +134,7 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     if merge:
         net, merged, notes = merged_copy(model)
     else:
-        net, merged, notes = copy.deepcopy(_network(model)).float().eval(), [], []
+        net, merged, notes = copy.deepcopy(as_network(model)).float().eval(), [], []
     wrapper = ExportedClassifier(net).eval()
     example = torch.randn(example_batch, 3, *img_size, generator=torch.Generator().manual_seed(0))
     path = os.path.join(out_dir, ONNX_FILE)
@@ -283,7 +274,7 @@ class OnnxClassifier:
 def max_abs_difference(model, folder: str, batch_sizes: Iterable[int] = (1, 3), seed: int = 0) -> Dict[int, float]:
     """Largest |onnxruntime - torch| over scores and logits, per batch size, on random inputs: the check the command
     line prints after exporting. ``model``: the model that was exported (unmerged is fine: merging keeps outputs)."""
-    net = _network(model)
+    net = as_network(model)
     was_training = net.training
     net.eval()
     clf = OnnxClassifier(folder)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from ..network import as_network
+
 
 def param_groups(model, lr: float, weight_decay: float, head_lr: Optional[float] = None) -> List[Dict]:
     """Trainable parameters only, split into (head | the rest) x (decay | no decay) x (the tuner's own lr factor,
     e.g. LoRA's A at lr / 16) groups. ``model``: our ModelScope model or its network; names in the groups are
     relative to the network."""
-    net = getattr(model, 'model', model)
+    net = as_network(model)
     roles = net.parameter_roles()
     exempt = net.no_weight_decay()
     scales = net.lr_scales()

@@ -26,6 +26,7 @@ from typing import Any, List
 
 import torch
 
+from ..network import as_network
 from .warmup import count_or_fraction
 
 AUTO_FRACTION = 0.5
@@ -84,7 +85,7 @@ def install_probe_first(trainer, optimizer):
     """The trainer's :class:`ProbeFirst` hook for ``train.probe_epochs`` (registered with the trainer), or None when
     there is nothing to wait for."""
     model = trainer.model_unwrapped
-    net = getattr(model, 'model', model)
+    net = as_network(model)
     roles = net.parameter_roles()
     body = [p for n, p in net.named_parameters() if p.requires_grad and roles.get(n) != 'head']
     n = probe_epochs(trainer.cfg.safe_get('train.probe_epochs'), trainer.max_epochs, bool(body),

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..backbone.linear import QKVLinear
 from ..extras import require
+from ..network import as_network
 from ..tuners.lora import LoRA
 
 EXTRA = 'swift'
@@ -48,15 +49,11 @@ def _as_list(tuners: Any) -> List[Any]:
     return list(tuners) if isinstance(tuners, (list, tuple)) else [tuners]
 
 
-def _network(model):
-    return getattr(model, 'model', model)
-
-
 def lora_layers(model) -> Dict[str, nn.Module]:
     """Module path (relative to our network) -> every swift / peft LoRA layer in it."""
     from peft.tuners.lora import LoraLayer
     from swift.tuners.lora_layers import LoRALayer
-    return {name: m for name, m in _network(model).named_modules() if isinstance(m, (LoraLayer, LoRALayer))}
+    return {name: m for name, m in as_network(model).named_modules() if isinstance(m, (LoraLayer, LoRALayer))}
 
 
 def apply_swift_tuners(model, efficient_tuners) -> Tuple[nn.Module, Any]:
@@ -119,7 +116,7 @@ def fold_swift_lora(model) -> List[int]:
     """Replace every swift / peft LoRA layer on ``backbone.blocks.N.attn.qkv`` of our ``model`` (in place) by our
     LoRA tuner on the mha OP with the same update, and put the original frozen qkv back. Returns the layers that got
     one. The outputs do not change (up to float rounding of ``scaling * B``)."""
-    net = _network(model)
+    net = as_network(model)
     updates: Dict[int, Tuple[torch.Tensor, torch.Tensor, float]] = {}
     for blk in net.backbone.blocks:
         layer = blk.attn.qkv
@@ -148,7 +145,7 @@ def fold_swift_lora(model) -> List[int]:
 def exportable(model) -> nn.Module:
     """``model`` itself when it holds no swift / peft layer, else a copy with them folded into our LoRA (the trained
     model keeps training as it is)."""
-    if all(isinstance(blk.attn.qkv, QKVLinear) for blk in _network(model).backbone.blocks):
+    if all(isinstance(blk.attn.qkv, QKVLinear) for blk in as_network(model).backbone.blocks):
         return model
     folded = copy.deepcopy(model)
     fold_swift_lora(folded)

@@ -16,7 +16,7 @@ from typing import Iterable, List
 from .base import Dims, Tuner, dims_of, register_tuner, slot_name, tuner_class, tuner_kinds
 from .spec import TunerSpec, legacy_entries, parse_tuner, parse_tuners
 
-__all__ = ['Dims', 'Tuner', 'TunerSpec', 'attach_block_tuners', 'build_tuner', 'dims_of', 'expected_trainable_count',
+__all__ = ['Dims', 'Tuner', 'TunerSpec', 'attach_block_tuners', 'build_tuner', 'dims_of',
            'legacy_entries', 'parse_tuner', 'parse_tuners', 'register_tuner', 'slot_name', 'tuner_class',
            'tuner_kinds']
 
@@ -49,11 +49,6 @@ def attach_block_tuners(vit, specs: Iterable[TunerSpec]) -> None:
         for blk, size in zip(vit.blocks, spec.sizes):
             if size:
                 blk.attach(slot_name(spec.kind, spec.op), build_tuner(spec, size, dims))
-
-
-def expected_trainable_count(spec: TunerSpec, vit) -> int:
-    """The closed-form number of trainable parameters an entry adds (see each kind's ``num_trainable``)."""
-    return spec.kind.count_trainable(spec, vit)
 
 
 def bypass_problems(specs: List[TunerSpec]) -> List[dict]:
