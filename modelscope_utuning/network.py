@@ -183,14 +183,12 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
         return self.forward_head_features(tokens, images)
 
     def forward_head_features(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Final tokens ``(B, N, C)`` -> the head's input ``(B, D)``: the backbone's own ``pool`` (the one
+        ``forward_head`` uses), the ``features`` point between pooling and fc_norm (the side network mixes in
+        there, which is why this is not ``vit.forward_head``), fc_norm and the legacy backbone head."""
         vit = self.backbone
-        if vit.global_pool == 'avg':
-            x = tokens[:, vit.num_prefix_tokens:].mean(dim=1)
-        elif vit.global_pool == 'token':
-            x = tokens[:, 0]
-        else:
-            x = tokens
-        for name, module in self.named_children():
+        x = vit.pool(tokens)
+        for module in self.children():
             if isinstance(module, Tuner) and 'features' in module.points:
                 x = module.edit_features(images, x)
         return vit.head(vit.fc_norm(x))

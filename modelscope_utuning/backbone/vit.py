@@ -236,13 +236,18 @@ class VisionTransformer(nn.Module):
         patches = tokens[:, start:start + h * w]
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``global_pool``: tokens ``(B, N, C)`` -> ``(B, C)``: the class token ('token'), the mean of the patch
+        tokens ('avg'), or the tokens unchanged ('')."""
+        if self.global_pool == 'avg':
+            return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == 'token':
+            return tokens[:, 0]
+        return tokens
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool tokens ``(B, N, C)`` to ``(B, C)``, then fc_norm (and the legacy head unless ``pre_logits``)."""
-        if self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        elif self.global_pool == 'token':
-            x = x[:, 0]
-        x = self.fc_norm(x)
+        x = self.fc_norm(self.pool(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
