@@ -92,22 +92,3 @@ def load_data(path: Optional[str], option: str, classes: Optional[List[str]] = N
     except ValueError as e:
         raise CLIError(f'{option} {path!r}: {e}') from None
 
-
-def model_classes(model_dir: str) -> Optional[List[str]]:
-    """The class names a local model folder was trained with: its tuner-only configuration, else its checkpoint,
-    else configuration.json (the readers of :mod:`..checkpoint`)."""
-    from ..checkpoint import tuner_only
-    from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
-    classes = None
-    if os.path.isfile(os.path.join(model_dir, tuner_only.CONFIG_FILE)):
-        try:
-            classes = tuner_only.read_tuner_config(model_dir).get('CLASSES')
-        except ValueError:
-            classes = None
-    ckpt = os.path.join(model_dir, CHECKPOINT_FILE)
-    if not classes and os.path.isfile(ckpt):
-        classes = read_checkpoint(ckpt).get('CLASSES')
-    cfg = os.path.join(model_dir, 'configuration.json')
-    if not classes and os.path.isfile(cfg):
-        classes = (read_json(cfg).get('model') or {}).get('CLASSES')
-    return [str(c) for c in classes] if classes else None

@@ -10,9 +10,9 @@ import sys
 import tempfile
 from typing import Any, List, Optional, Tuple
 
-from ..checkpoint.hub_layout import CHECKPOINT_FILE
-from .common import CLIError, build_trainer, print_metrics
-from .models import load_data, locate_model, model_classes, resolve_model
+from ..training import policy
+from .common import CLIError, build_trainer, print_metrics, read_json
+from .models import load_data, locate_model, resolve_model
 from .overrides import apply_overrides, parse_overrides
 
 def _default_work_dir(spec: str) -> str:
@@ -61,72 +61,56 @@ def cmd_train(args) -> int:
 
 def resume_point(work_dir: str, resume: bool) -> Optional[str]:
     """The epoch file ``train`` continues from: with ``resume``, the newest whose model file and trainer state both
-    load (an unreadable newest one, e.g. half-written by a kill, falls back to the one before, said on stderr), or
-    None to start at epoch 1 when there is none (said too). Without ``resume``, CLIError when the work_dir holds
-    epoch files: re-running a command does not silently start the run again over its checkpoints."""
-    from ..training.checkpointing import epoch_files, readable
-    files = epoch_files(work_dir)
-    names = [os.path.basename(files[n][0]) for n in sorted(files)]
+    load (:func:`..training.policy.resume_plan`; an unreadable newest one, e.g. half-written by a kill, falls back to
+    the one before, said on stderr), or None to start at epoch 1 when there is none (said too). Without ``resume``,
+    CLIError when the work_dir holds epoch files: re-running a command does not silently start the run again over
+    its checkpoints."""
     if not resume:
+        from ..training.checkpointing import epoch_files
+        files = epoch_files(work_dir)
         if files:
+            names = [os.path.basename(files[n][0]) for n in sorted(files)]
             raise CLIError(f'--work-dir {work_dir!r} holds the checkpoints of an earlier run ({", ".join(names)}): '
                            'pass --resume to continue it from its newest readable epoch, or use another --work-dir '
                            '(or delete them to start over)')
         return None
-    if not files:
+    plan = policy.resume_plan(work_dir)
+    if not plan.files:
         print(f'--resume: nothing to resume in {work_dir} (no epoch_N.pth yet): starting at epoch 1', file=sys.stderr)
         return None
-    for n in sorted(files, reverse=True):
-        model_file, state_file = files[n]
-        if not os.path.isfile(state_file):
-            problem = f'{os.path.basename(state_file)} is missing'
-        elif not readable(model_file):
-            problem = f'{os.path.basename(model_file)} cannot be read (half-written or damaged)'
-        elif not readable(state_file):
-            problem = f'{os.path.basename(state_file)} cannot be read (half-written or damaged)'
-        else:
-            print(f'--resume: continuing from {model_file} (epoch {n} done)', file=sys.stderr)
-            return model_file
+    for problem in plan.skipped:
         print(f'--resume: {problem}: falling back to the epoch before', file=sys.stderr)
-    print(f'--resume: no readable epoch file in {work_dir} ({", ".join(names)}): starting at epoch 1',
+    if plan.checkpoint is not None:
+        print(f'--resume: continuing from {plan.checkpoint} (epoch {plan.epoch} done)', file=sys.stderr)
+        return plan.checkpoint
+    print(f'--resume: no readable epoch file in {work_dir} ({", ".join(plan.files)}): starting at epoch 1',
           file=sys.stderr)
     return None
 
 
 def _train(args, work_dir: str, overrides: List[Tuple[str, Any]], explicit: set, train_ds, eval_ds) -> int:
-    """``train`` once the work_dir is locked: where to start, the model folder, the trainer, the run."""
+    """``train`` once the work_dir is locked: where to start, the model folder, the trainer, the run. What the run
+    decides about its configuration (head size, finetune, T_max) is :mod:`..training.policy`'s."""
     checkpoint = resume_point(work_dir, args.resume)
     model = resolve_model(args.model, work_dir)
-    has_weights = os.path.isdir(model) and os.path.isfile(os.path.join(model, CHECKPOINT_FILE))
+    has_weights = policy.has_trained_weights(model)
+    num_classes = policy.head_size(train_ds)
     notes: List[str] = []
 
     def cfg_modify_fn(cfg):
         apply_overrides(cfg, overrides)
-        if args.epochs is not None and cfg.safe_get('train.lr_scheduler.T_max') is not None \
-                and 'train.lr_scheduler.T_max' not in explicit:
-            cfg.train.lr_scheduler.T_max = args.epochs
-        if not has_weights and not cfg.safe_get('model.backbone.pretrained_weights'):
+        policy.follow_epochs(cfg, args.epochs, explicit)
+        if policy.backbone_is_random(cfg, has_weights):
             notes.append('no pre-trained weights: the backbone starts from a random initialisation (pass '
                          '--backbone-weights FILE, or start from a trained model folder)')
-        n = train_ds.num_classes
-        head = cfg.model.get('head') or {}
-        if 'model.head.num_classes' not in explicit and head.get('num_classes') != n:
-            if not cfg.model.get('head'):
-                cfg.model.head = {}
-            old = head.get('num_classes')
-            cfg.model.head.num_classes = n
-            if has_weights and old is not None and 'model.finetune' not in explicit:
-                cfg.model.finetune = True
-                notes.append(f'the dataset has {n} classes, the model {old}: a new head is trained '
-                             '(model.head.num_classes and model.finetune set)')
+        change = policy.fit_head(cfg, num_classes, has_weights, explicit)
+        if change is not None and change.note:
+            notes.append(change.note)
         return cfg
 
     if os.path.isdir(model):  # check the overrides now, with a clear message, before anything is built
-        from modelscope.utils.config import Config
-        from ..training.defaults import apply_defaults
-        from ..training.validate import validate_config
         try:
-            validate_config(cfg_modify_fn(apply_defaults(Config.from_file(os.path.join(model, 'configuration.json')))))
+            policy.check_configuration(model, cfg_modify_fn)
         except ValueError as e:
             raise CLIError(str(e)) from None
         notes.clear()
@@ -152,7 +136,7 @@ def _train(args, work_dir: str, overrides: List[Tuple[str, Any]], explicit: set,
 
 def cmd_eval(args) -> int:
     model = resolve_model(args.model, allow_config=False)
-    classes = model_classes(model) if os.path.isdir(model) else None
+    classes = policy.model_classes(model, read_config=read_json) if os.path.isdir(model) else None
     ds = load_data(args.data, '--data', classes=classes)
     tmp = None
     work_dir = args.work_dir

@@ -30,12 +30,12 @@ from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
 from ..data.datasets import ON_ERROR_CHOICES
-from ..compat import from_pretrained_trust_kwargs, own_default_hooks, trainer_trust_remote_code, warmup_options
+from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
 from ..extras import require
 from ..location import locate_model_source
 from ..model import VisionEfficientTuningModel
 from ..registration import register_class
-from .defaults import DEFAULT_HEAD_LR, apply_defaults
+from .defaults import DEFAULT_HEAD_LR
 from . import checkpointing
 from .checkpointing import trainer_state_globals
 from . import feature_cache
@@ -45,6 +45,7 @@ from .labels import check_conflicting_labels, map_onto, reference_classes
 from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
+from .policy import resolve_config
 from .precision import autocast, resolve_precision
 from .swift_tuners import exportable
 from .validate import validate_config
@@ -121,9 +122,9 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     # -- configuration -----------------------------------------------------------------------------------
     def rebuild_config(self, cfg):
-        own_default_hooks(cfg)  # compat.py, 7.
-        cfg = apply_defaults(cfg)
-        cfg = super().rebuild_config(cfg)  # the user's cfg_modify_fn
+        # compat.py 7., our defaults, then the user's cfg_modify_fn (ModelScope's rebuild_config calls it): the
+        # order the command line checks its overrides in too (policy.py, rule 1)
+        cfg = resolve_config(cfg, super().rebuild_config)
         # before the model and data are built, so that their memory already follows the setting
         self.cpu_allocator_changed = use_cpu_allocator(cfg.safe_get('train.cpu_allocator') or 'default')
         validate_config(cfg)

@@ -1,0 +1,192 @@
+"""The decisions a training run makes about its configuration, its head and where it starts, in one place.
+
+The trainer (:class:`.trainer.VisionEfficientTuningTrainer`) and the ``train`` / ``eval`` commands both use this
+module, so that the command line only parses arguments, locates files and prints. The rules:
+
+1. **The configuration a run trains with** (:func:`resolve_config`): ModelScope's shared default hooks made the
+   run's own copies (``compat.own_default_hooks``), then our defaults for what configuration.json leaves out
+   (:mod:`.defaults`), then the caller's ``cfg_modify_fn``. Defaults come first so that a ``cfg_modify_fn`` always
+   has something to edit (``cfg.train.lr_scheduler.T_max = ...``) and never has its edits overwritten. The trainer
+   builds its configuration this way; :func:`check_configuration` builds the same one from a model folder and
+   checks it (:mod:`.validate`) before any data or model is built, so that a command refuses a bad override at
+   once, with the key named, and writes nothing.
+2. **The head has as many outputs as the training data has classes** (:func:`fit_head`, :func:`head_size`):
+   ``len(classes)`` when the data names its classes, else ``max(label) + 1``. The trainer refuses data with more
+   classes than the head (:func:`.labels.reference_classes`), and with fewer it would train outputs no image ever
+   targets; a command that is given a dataset to train on means "a classifier for these classes". A
+   ``model.head.num_classes`` the user set explicitly is left as it is (the trainer then says what does not fit).
+3. **A new head is trained when the checkpoint's head has another size** (:func:`fit_head`): when the model folder
+   holds trained weights (:func:`has_trained_weights`) and its configured head size (the size configuration.json
+   was written with, that of the checkpoint's head) differs from the data's, ``model.finetune`` is set. The
+   checkpoint's head cannot be loaded into a head of another size; with ``finetune`` the model starts the head
+   fresh and keeps the backbone and tuners it learnt (``fresh_on_mismatch`` in ``network_files``). Without trained
+   weights there is no head to replace; without a configured size there is nothing to compare; and a
+   ``model.finetune`` the user set explicitly wins.
+4. **The cosine schedule spans the run** (:func:`follow_epochs`): when the number of epochs is given for the run,
+   a ``train.lr_scheduler.T_max`` present in the configuration becomes that number, unless the user set
+   ``T_max`` explicitly: otherwise the learning rate would stop annealing half way (or restart) with more or fewer
+   epochs than the configuration was written for.
+5. **A backbone without weights is random** (:func:`backbone_is_random`): neither trained weights in the model
+   folder nor ``model.backbone.pretrained_weights``. Training then starts from a random initialisation, which is
+   legal (a smoke test, a tiny model) but almost never what is meant, so callers say it.
+6. **Labels mean the model's classes** (:func:`model_classes`): a trained model's evaluation data is read against
+   the classes its head stands for, found in the model folder as the loaders find them: the tuner-only export's
+   ``CLASSES``, else the checkpoint's, else configuration.json's ``model.CLASSES``. The trainer maps every
+   dataset onto the same class list (:mod:`.labels`); reading the data against it names a class the model does
+   not know before anything is built.
+7. **A run resumes from its newest readable epoch** (:func:`resume_plan`): the newest ``epoch_N.pth`` whose model
+   file and trainer state both load; a newer one that does not (half-written by a kill, its state missing) is
+   skipped with the reason, and none at all means starting at epoch 1. The same rule as
+   :func:`.checkpointing.latest_checkpoint`, with the reasons kept for the caller to report.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Collection, List, Optional
+
+HEAD_SIZE_KEY = 'model.head.num_classes'
+FINETUNE_KEY = 'model.finetune'
+T_MAX_KEY = 'train.lr_scheduler.T_max'
+
+
+# -- 1. the configuration ----------------------------------------------------------------------------------------
+def resolve_config(cfg, cfg_modify_fn: Optional[Callable[[Any], Any]] = None):
+    """``cfg`` as a run trains with it (rule 1): ModelScope's default hooks made its own, our defaults filled,
+    then ``cfg_modify_fn`` (the trainer passes ModelScope's ``rebuild_config``, which calls the user's)."""
+    from ..compat import own_default_hooks
+    from .defaults import apply_defaults
+    own_default_hooks(cfg)
+    cfg = apply_defaults(cfg)
+    if cfg_modify_fn is not None:
+        cfg = cfg_modify_fn(cfg)
+    return cfg
+
+
+def check_configuration(model_dir: str, cfg_modify_fn: Optional[Callable[[Any], Any]] = None):
+    """The configuration the trainer will build from ``model_dir/configuration.json`` with ``cfg_modify_fn``,
+    checked as the trainer checks it (:func:`.validate.validate_config`: ValueError naming every bad key), without
+    building a model or reading data."""
+    from modelscope.utils.config import Config
+    from .validate import validate_config
+    cfg = resolve_config(Config.from_file(os.path.join(model_dir, 'configuration.json')), cfg_modify_fn)
+    validate_config(cfg)
+    return cfg
+
+
+# -- 2, 3. the head ------------------------------------------------------------------------------------------------
+def has_trained_weights(model: str) -> bool:
+    """Whether ``model`` is a local folder holding trained weights (the hub-layout checkpoint)."""
+    from ..checkpoint.hub_layout import CHECKPOINT_FILE
+    return os.path.isdir(model) and os.path.isfile(os.path.join(model, CHECKPOINT_FILE))
+
+
+def head_size(train_dataset) -> int:
+    """The head size the training data asks for (rule 2): its number of classes."""
+    return train_dataset.num_classes
+
+
+@dataclass(frozen=True)
+class HeadChange:
+    """What :func:`fit_head` changed: the head's new size, its configured size before, and whether
+    ``model.finetune`` was set for it (a new head replacing the checkpoint's)."""
+    num_classes: int
+    previous: Optional[int]
+    finetune: bool
+
+    @property
+    def note(self) -> Optional[str]:
+        """One line for the user when a trained head is replaced; None otherwise."""
+        if not self.finetune:
+            return None
+        return (f'the dataset has {self.num_classes} classes, the model {self.previous}: a new head is trained '
+                '(model.head.num_classes and model.finetune set)')
+
+
+def fit_head(cfg, num_classes: int, has_weights: bool, user_keys: Collection[str] = ()) -> Optional[HeadChange]:
+    """Rules 2 and 3 on ``cfg`` (changed in place): ``model.head.num_classes = num_classes`` unless the user set it
+    (``user_keys``, dotted keys) or it already is; ``model.finetune = True`` when ``has_weights``, the head had a
+    configured size and the user did not set ``model.finetune``. Returns what changed, or None."""
+    head = cfg.model.get('head') or {}
+    if HEAD_SIZE_KEY in user_keys or head.get('num_classes') == num_classes:
+        return None
+    if not cfg.model.get('head'):
+        from modelscope.utils.config import ConfigDict
+        cfg.model.head = ConfigDict()  # a plain {} would not take attribute assignment
+    previous = head.get('num_classes')
+    cfg.model.head.num_classes = num_classes
+    finetune = bool(has_weights and previous is not None and FINETUNE_KEY not in user_keys)
+    if finetune:
+        cfg.model.finetune = True
+    return HeadChange(num_classes, previous, finetune)
+
+
+# -- 4, 5. schedule and backbone -----------------------------------------------------------------------------------
+def follow_epochs(cfg, epochs: Optional[int], user_keys: Collection[str] = ()) -> bool:
+    """Rule 4 on ``cfg`` (in place): ``train.lr_scheduler.T_max = epochs`` when ``epochs`` is given, the
+    configuration has a ``T_max`` and the user did not set it. Returns whether it changed ``cfg``."""
+    if epochs is None or cfg.safe_get(T_MAX_KEY) is None or T_MAX_KEY in user_keys:
+        return False
+    cfg.train.lr_scheduler.T_max = epochs
+    return True
+
+
+def backbone_is_random(cfg, has_weights: bool) -> bool:
+    """Rule 5: no trained weights and no ``model.backbone.pretrained_weights``."""
+    return not has_weights and not cfg.safe_get('model.backbone.pretrained_weights')
+
+
+# -- 6. classes ----------------------------------------------------------------------------------------------------
+def model_classes(model_dir: str, read_config: Optional[Callable[[str], dict]] = None) -> Optional[List[str]]:
+    """The class names a local model folder was trained with (rule 6): its tuner-only configuration, else its
+    checkpoint, else configuration.json (read with ``read_config``, by default
+    :func:`..fileio.read_json_object`: ValueError for a file that is no JSON object); None when none names them."""
+    from ..checkpoint import tuner_only
+    from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
+    if read_config is None:
+        from ..fileio import read_json_object as read_config
+    classes = None
+    if os.path.isfile(os.path.join(model_dir, tuner_only.CONFIG_FILE)):
+        try:
+            classes = tuner_only.read_tuner_config(model_dir).get('CLASSES')
+        except ValueError:
+            classes = None
+    ckpt = os.path.join(model_dir, CHECKPOINT_FILE)
+    if not classes and os.path.isfile(ckpt):
+        classes = read_checkpoint(ckpt).get('CLASSES')
+    cfg = os.path.join(model_dir, 'configuration.json')
+    if not classes and os.path.isfile(cfg):
+        classes = (read_config(cfg).get('model') or {}).get('CLASSES')
+    return [str(c) for c in classes] if classes else None
+
+
+# -- 7. resuming ---------------------------------------------------------------------------------------------------
+@dataclass
+class ResumePlan:
+    """Where a resumed run starts (rule 7). ``files``: the epoch files' names, oldest first; ``checkpoint``: the
+    model file to continue from (None: epoch 1) and ``epoch`` its number; ``skipped``: why each newer file was
+    passed over, newest first."""
+    files: List[str] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    epoch: Optional[int] = None
+    skipped: List[str] = field(default_factory=list)
+
+
+def resume_plan(work_dir: str) -> ResumePlan:
+    """Rule 7 for ``work_dir``: each epoch's model file and trainer state are loaded, newest first, until both
+    load."""
+    from .checkpointing import epoch_files, readable
+    found = epoch_files(work_dir)
+    plan = ResumePlan(files=[os.path.basename(found[n][0]) for n in sorted(found)])
+    for n in sorted(found, reverse=True):
+        model_file, state_file = found[n]
+        if not os.path.isfile(state_file):
+            plan.skipped.append(f'{os.path.basename(state_file)} is missing')
+        elif not readable(model_file):
+            plan.skipped.append(f'{os.path.basename(model_file)} cannot be read (half-written or damaged)')
+        elif not readable(state_file):
+            plan.skipped.append(f'{os.path.basename(state_file)} cannot be read (half-written or damaged)')
+        else:
+            plan.checkpoint, plan.epoch = model_file, n
+            break
+    return plan

@@ -1,0 +1,251 @@
+"""``training/policy.py``: the decisions the trainer and the ``train`` / ``eval`` commands share.
+
+Head size from the training data's classes, ``model.finetune`` when a trained folder's head has another size (and
+that the model then loads with a fresh head, while without it the checkpoint's head does not fit), ``T_max``
+following the epochs, the random-backbone case, the configuration order (defaults, then ``cfg_modify_fn``) the
+trainer and the command line both use, the classes a model folder names, and the epoch a run resumes from.
+Tiny ViTs (32 px, depth 2) in folders written the way the trainer writes them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import modelscope_utuning  # noqa: F401  (registers the plugin)
+from modelscope.utils.config import Config
+from modelscope_utuning.model import VisionEfficientTuningModel
+from modelscope_utuning.training import policy
+from modelscope_utuning.training.defaults import DEFAULTS, model_configuration
+from modelscope_utuning.training.export import export_output
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4,
+           tuners=[{'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 4}])
+CLASSES = ['bird', 'cat', 'dog']
+PREPROCESSOR = {'type': 'vision-efficient-tuning-preprocessor', 'img_size': 32, 'crop_pct': 1.0}
+
+
+def configuration(num_classes=3, **extra):
+    return model_configuration(copy.deepcopy(VIT), {'num_classes': num_classes}, preprocessor=dict(PREPROCESSOR),
+                               **extra)
+
+
+@pytest.fixture(scope='module')
+def trained_dir(tmp_path_factory):
+    """A trained model folder (the trainer's output layout) with a 3-class head and its class names."""
+    cfg = configuration()
+    torch.manual_seed(0)
+    model = VisionEfficientTuningModel(model_dir=None, backbone=cfg['model']['backbone'], head={'num_classes': 3},
+                                       CLASSES=list(CLASSES))
+    folder = str(tmp_path_factory.mktemp('trained') / 'model')
+    export_output(model, cfg, folder)
+    return folder
+
+
+def config_only_dir(folder, cfg):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'configuration.json'), 'w') as f:
+        json.dump(cfg, f)
+    return str(folder)
+
+
+def image_folder(folder, classes):
+    rng = np.random.default_rng(0)
+    for name in classes:
+        os.makedirs(os.path.join(folder, name))
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(os.path.join(folder, name, '0.png'))
+    return str(folder)
+
+
+def cfg_of(folder):
+    return Config.from_file(os.path.join(folder, 'configuration.json'))
+
+
+# -- rule 2: head size from the data -------------------------------------------------------------------------------
+def test_head_size_is_the_number_of_classes_the_data_names(tmp_path):
+    from modelscope_utuning.data import load_dataset_any
+    ds = load_dataset_any(image_folder(tmp_path / 'imgs', ['a', 'b', 'c', 'd', 'e']))
+    assert policy.head_size(ds) == 5
+    path = os.path.join(str(tmp_path / 'imgs'), 'a', '0.png')
+    rows = load_dataset_any([{'image': path, 'label': 0}, {'image': path, 'label': 6}])  # no class names
+    assert rows.classes is None and policy.head_size(rows) == 7
+
+
+def test_fit_head_sizes_the_head_and_leaves_finetune_without_weights():
+    cfg = Config(configuration(num_classes=7))
+    change = policy.fit_head(cfg, 3, has_weights=False)
+    assert change == policy.HeadChange(num_classes=3, previous=7, finetune=False) and change.note is None
+    assert cfg.model.head.num_classes == 3 and not cfg.model.get('finetune')
+
+
+def test_fit_head_creates_a_head_section_when_there_is_none():
+    cfg = Config(configuration())
+    cfg.model.pop('head')
+    change = policy.fit_head(cfg, 4, has_weights=True)  # no configured size: nothing to compare, no finetune
+    assert change == policy.HeadChange(4, None, False)
+    assert cfg.model.head.num_classes == 4 and not cfg.model.get('finetune')
+
+
+def test_fit_head_leaves_what_fits_or_what_the_user_set():
+    cfg = Config(configuration(num_classes=3))
+    assert policy.fit_head(cfg, 3, has_weights=True) is None
+    assert policy.fit_head(cfg, 5, has_weights=True, user_keys={'model.head.num_classes'}) is None
+    assert cfg.model.head.num_classes == 3 and not cfg.model.get('finetune')
+    change = policy.fit_head(cfg, 5, has_weights=True, user_keys={'model.finetune'})
+    assert change == policy.HeadChange(5, 3, False)
+    assert cfg.model.head.num_classes == 5 and not cfg.model.get('finetune')
+
+
+# -- rule 3: finetune when the checkpoint's head has another size -------------------------------------------------
+def test_has_trained_weights(trained_dir, tmp_path):
+    assert policy.has_trained_weights(trained_dir)
+    assert not policy.has_trained_weights(config_only_dir(tmp_path / 'cfg', configuration()))
+    assert not policy.has_trained_weights('owner/name')  # a hub id is not a local folder
+
+
+def test_a_checkpoint_head_of_another_size_is_replaced_by_a_new_one(trained_dir):
+    from modelscope.models import Model
+    cfg = cfg_of(trained_dir)
+    change = policy.fit_head(cfg, 2, policy.has_trained_weights(trained_dir))
+    assert change == policy.HeadChange(2, 3, True)
+    assert cfg.model.finetune is True and cfg.model.head.num_classes == 2
+    assert 'the dataset has 2 classes, the model 3: a new head is trained' in change.note
+    model = Model.from_pretrained(trained_dir, cfg_dict=cfg)
+    assert model.head.num_classes == 2 and not model.head_loaded  # a fresh head ...
+    reference = Model.from_pretrained(trained_dir)
+    tuned = [k for k, p in reference.named_parameters() if p.requires_grad and not k.startswith('model.head.')]
+    assert tuned
+    mine = dict(model.named_parameters())
+    assert all(torch.equal(mine[k], p) for k, p in reference.named_parameters() if k in tuned)  # ... the rest kept
+
+    # why the rule exists: the checkpoint's 3-class head does not load into a 2-class head without finetune
+    plain = cfg_of(trained_dir)
+    plain.model.head.num_classes = 2
+    with pytest.raises(ValueError):
+        Model.from_pretrained(trained_dir, cfg_dict=plain)
+
+
+def test_a_checkpoint_head_of_the_same_size_is_kept(trained_dir):
+    from modelscope.models import Model
+    cfg = cfg_of(trained_dir)
+    assert policy.fit_head(cfg, 3, policy.has_trained_weights(trained_dir)) is None
+    assert not cfg.model.get('finetune')
+    model = Model.from_pretrained(trained_dir, cfg_dict=cfg)
+    assert model.head_loaded and model.CLASSES == CLASSES
+
+
+# -- rules 4, 5 -----------------------------------------------------------------------------------------------------
+def test_t_max_follows_the_epochs_unless_set_or_absent():
+    cfg = Config(configuration(train=copy.deepcopy(DEFAULTS['train'])))
+    assert not policy.follow_epochs(cfg, None)
+    assert not policy.follow_epochs(cfg, 4, user_keys={'train.lr_scheduler.T_max'})
+    assert cfg.train.lr_scheduler.T_max == 10
+    assert policy.follow_epochs(cfg, 4) and cfg.train.lr_scheduler.T_max == 4
+    cfg.train.lr_scheduler.pop('T_max')  # another scheduler: nothing to follow
+    assert not policy.follow_epochs(cfg, 4) and cfg.safe_get('train.lr_scheduler.T_max') is None
+
+
+def test_backbone_is_random_without_any_weights():
+    cfg = Config(configuration())
+    assert policy.backbone_is_random(cfg, has_weights=False)
+    assert not policy.backbone_is_random(cfg, has_weights=True)
+    cfg.model.backbone.pretrained_weights = '/some/vit.safetensors'
+    assert not policy.backbone_is_random(cfg, has_weights=False)
+
+
+# -- rule 1: the configuration order --------------------------------------------------------------------------------
+def test_defaults_come_before_cfg_modify_fn_and_are_checked(tmp_path):
+    folder = config_only_dir(tmp_path / 'm', configuration())  # no train section at all
+    seen = {}
+
+    def modify(cfg):
+        seen['T_max'] = cfg.safe_get('train.lr_scheduler.T_max')  # the defaults are there to edit
+        cfg.train.optimizer.lr = 0.05
+        return cfg
+    cfg = policy.check_configuration(folder, modify)
+    assert seen['T_max'] == DEFAULTS['train']['lr_scheduler']['T_max']
+    assert cfg.train.optimizer.lr == 0.05 and cfg.train.optimizer.type == 'AdamW'  # the edit is not overwritten
+
+    def bad(cfg):
+        cfg.train.max_epochs = 0
+        return cfg
+    with pytest.raises(ValueError, match='train.max_epochs'):
+        policy.check_configuration(folder, bad)
+
+
+def test_the_trainer_builds_its_configuration_the_same_way(tmp_path):
+    from modelscope.metainfo import Trainers
+    from modelscope.trainers import build_trainer
+    folder = config_only_dir(tmp_path / 'm', configuration())
+    data = image_folder(tmp_path / 'data', CLASSES)
+
+    def modify(cfg):
+        cfg.train.max_epochs = 2
+        cfg.train.dataloader.batch_size_per_gpu = 2
+        return cfg
+    expected = policy.check_configuration(folder, modify)
+    trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+        model=folder, work_dir=str(tmp_path / 'work'), train_dataset=data, cfg_modify_fn=modify))
+    for key in ('train.max_epochs', 'train.dataloader', 'train.optimizer', 'train.lr_scheduler', 'model.head'):
+        assert trainer.cfg.safe_get(key) == expected.safe_get(key), key
+
+
+# -- rule 6: the classes a model folder names ----------------------------------------------------------------------
+def test_model_classes_from_the_checkpoint_then_the_configuration(trained_dir, tmp_path):
+    assert policy.model_classes(trained_dir) == CLASSES
+    cfg = configuration()
+    cfg['model']['CLASSES'] = ['x', 'y', 'z']
+    assert policy.model_classes(config_only_dir(tmp_path / 'named', cfg)) == ['x', 'y', 'z']
+    assert policy.model_classes(config_only_dir(tmp_path / 'unnamed', configuration())) is None
+    broken = config_only_dir(tmp_path / 'broken', {})
+    with open(os.path.join(broken, 'configuration.json'), 'w') as f:
+        f.write('{not json')
+    with pytest.raises(ValueError):
+        policy.model_classes(broken)
+
+    class Refused(Exception):
+        pass
+
+    def read_config(path):
+        raise Refused(path)
+    with pytest.raises(Refused):  # the caller's reader (the command line's: its own error type)
+        policy.model_classes(broken, read_config=read_config)
+
+
+# -- rule 7: where a run resumes -----------------------------------------------------------------------------------
+def test_resume_plan_takes_the_newest_readable_epoch(tmp_path):
+    from modelscope_utuning.training.checkpointing import latest_checkpoint
+    work = str(tmp_path)
+    assert policy.resume_plan(work) == policy.ResumePlan()
+
+    def epoch(n, model=True, state=True):
+        if model:
+            torch.save({'state_dict': {'w': torch.zeros(2)}}, os.path.join(work, f'epoch_{n}.pth'))
+        if state:
+            torch.save({'meta': {'epoch': n}}, os.path.join(work, f'epoch_{n}_trainer_state.pth'))
+    epoch(1)
+    epoch(2)
+    epoch(3, state=False)  # killed between its model file and its state
+    epoch(4)
+    with open(os.path.join(work, 'epoch_4.pth'), 'wb') as f:
+        f.write(b'PK\x03\x04 half-written')
+    plan = policy.resume_plan(work)
+    assert plan.files == ['epoch_1.pth', 'epoch_2.pth', 'epoch_3.pth', 'epoch_4.pth']
+    assert plan.checkpoint == os.path.join(work, 'epoch_2.pth') and plan.epoch == 2
+    assert plan.skipped == ['epoch_4.pth cannot be read (half-written or damaged)',
+                            'epoch_3_trainer_state.pth is missing']
+    assert plan.checkpoint == latest_checkpoint(work)  # the trainer-side helper's rule, the same answer
+
+    for n in (1, 2):
+        os.remove(os.path.join(work, f'epoch_{n}_trainer_state.pth'))
+    plan = policy.resume_plan(work)
+    assert plan.checkpoint is None and plan.epoch is None and len(plan.skipped) == 4
+    assert latest_checkpoint(work) is None
+
