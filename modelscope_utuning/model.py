@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from modelscope.models.base import TorchModel
 
 from .backbone.vit import VisionTransformer
-from .checkpoint.hub_layout import CHECKPOINT_FILE, network_state_from_hub, read_checkpoint, split_model_state
+from .checkpoint.hub_layout import (CHECKPOINT_FILE, network_state_from_hub, read_checkpoint, read_configuration,
+                                    split_model_state)
 from .checkpoint.merge import has_tuners, merge_block_tuners
-from .fileio import read_json_object
 from .head import ClassifierHead
 from .location import locate_model_source
 from .network import VisionEfficientTuning, as_network
@@ -271,10 +271,7 @@ def load_model(path: str) -> VisionEfficientTuningModel:
     file, for example)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        cfg_path = os.path.join(path, 'configuration.json')
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f'model folder {path!r} has no configuration.json')
-        cfg = dict(read_json_object(cfg_path).get('model') or {})
+        cfg = dict(read_configuration(path).get('model') or {})
         return _model_class(cfg.pop('type', None))(model_dir=path, **cfg)
     if not os.path.isfile(path):
         raise ValueError(f'{path!r}: no such model folder or checkpoint file')

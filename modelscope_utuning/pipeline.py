@@ -20,6 +20,7 @@ from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement, verify_device
 from modelscope.utils.logger import get_logger
 
+from .checkpoint.hub_layout import read_configuration
 from .location import EXPECTED, HUB, locate_model_source
 from .preprocessing.image_io import ImageInputError
 from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
@@ -144,11 +145,8 @@ def _preprocessors(models: List[Any], cfg: Any, given: Optional[Any]) -> List[An
 
 
 def read_config_section(model_dir: Optional[str], key: str) -> Any:
-    path = os.path.join(model_dir, 'configuration.json') if model_dir else None
-    if not path or not os.path.isfile(path):
-        return None
-    from .fileio import read_json_object
-    return read_json_object(path).get(key)
+    """One section of a model folder's configuration.json, or None (no folder, no file or no such section)."""
+    return read_configuration(model_dir, required=False).get(key)
 
 
 class VisionEfficientTuningPipeline(Pipeline):

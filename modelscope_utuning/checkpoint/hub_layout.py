@@ -18,10 +18,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_json_object
 from ..tuners.base import tuner_kinds
 
 CHECKPOINT_FILE = 'pytorch_model.pt'
+CONFIGURATION_FILE = 'configuration.json'
 _BLOCK = r'^blocks\.(\d+)\.'
 
 
@@ -170,3 +171,16 @@ def write_checkpoint(path: str, state: Mapping[str, torch.Tensor], form_of: Mapp
                      classes: Optional[List[str]] = None) -> None:
     """Save a network state dict in the hub layout with the built-in's names where it has the same tuner."""
     atomic_torch_save(hub_from_network_state(state, form_of, classes), path)
+
+
+def read_configuration(model_dir: Optional[str], required: bool = True) -> Dict[str, Any]:
+    """The ``configuration.json`` of a model folder as a dict: the one reader every caller uses. ``{}`` when the
+    folder is None or has none and ``required`` is False; a ValueError naming the folder when it is required and
+    missing, or names the file when it is not a JSON object."""
+    path = os.path.join(model_dir, CONFIGURATION_FILE) if model_dir else None
+    if path is None or not os.path.isfile(path):
+        if required:
+            raise ValueError(f'model folder {model_dir!r} has no {CONFIGURATION_FILE}')
+        return {}
+    return read_json_object(path)
+

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-from .common import CLIError, read_json
+from ..checkpoint.hub_layout import read_configuration
+from .common import CLIError
 from .models import resolve_model
 
 def _prepare_out_dir(path: str, force: bool) -> str:
@@ -49,7 +50,7 @@ def cmd_export(args) -> int:
             model.backbone_config = dict(model.backbone_config or {},
                                          pretrained_weights=os.path.abspath(args.base_weights))
         from ..training.export import export_output
-        cfg = read_json(os.path.join(model.model_dir, 'configuration.json'))
+        cfg = read_configuration(model.model_dir)
         export_output(model, cfg, out, tuner_only=True, base_path=bool(args.base_weights))
         n = sum(p.numel() for p in model.model.tuner_state_dict().values())
         print(f'tuner-only export: {out} ({n:,} values: tuners, head; backbone fingerprint '
@@ -64,7 +65,7 @@ def cmd_export(args) -> int:
     if not has_lora(model):
         raise CLIError(f'{args.model!r} has no LoRA tuner to merge')
     merge_lora(model)
-    cfg = read_json(os.path.join(model.model_dir, 'configuration.json'))
+    cfg = read_configuration(model.model_dir)
     cfg.setdefault('model', {})['backbone'] = dict(model.backbone_config or {})
     export_output(model, cfg, out)
     print(f'merged LoRA into the backbone weights: {out} (a model folder for pipeline() / Model.from_pretrained)')

@@ -64,12 +64,9 @@ def scores_table(labels, scores) -> str:
 
 def is_segmentation_folder(model_dir: str) -> bool:
     """Whether ``model_dir`` (a local folder) holds a segmentation model (its configuration's task)."""
-    path = os.path.join(model_dir, 'configuration.json')
-    if not os.path.isfile(path):
-        return False
-    from ..fileio import read_json_object
+    from ..checkpoint.hub_layout import read_configuration
     from ..registration import SEG_TASK, SEG_TYPE
-    cfg = read_json_object(path)
+    cfg = read_configuration(model_dir, required=False)
     return cfg.get('task') == SEG_TASK or (cfg.get('model') or {}).get('type') == SEG_TYPE
 
 

@@ -40,12 +40,13 @@ import torch.nn as nn
 
 from ..extras import require
 from ..fileio import read_json_object, write_text_atomic
+from ..checkpoint.hub_layout import CONFIGURATION_FILE, read_configuration
 from ..network import VisionEfficientTuning, as_network
 from ..preprocessing.preprocessor import OUR_TYPE
 
 ONNX_FILE = 'model.onnx'
 PREPROCESSING_FILE = 'preprocessing.json'
-CONFIG_FILE = 'configuration.json'
+CONFIG_FILE = CONFIGURATION_FILE
 ONNX_MODEL_TYPE = 'vision-efficient-tuning-onnx'
 INPUT_NAME = 'imgs'
 OUTPUT_NAMES = ('scores', 'logits')
@@ -100,9 +101,7 @@ def merged_copy(model) -> Tuple[VisionEfficientTuning, List[str], List[str]]:
 def _configuration(model, cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if cfg is not None:
         return copy.deepcopy(cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg))
-    model_dir = getattr(model, 'model_dir', None)
-    path = os.path.join(model_dir, CONFIG_FILE) if model_dir else None
-    return read_json_object(path) if path and os.path.isfile(path) else {}
+    return read_configuration(getattr(model, 'model_dir', None), required=False)
 
 
 def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
@@ -250,7 +249,7 @@ class OnnxClassifier:
     def __init__(self, folder: str, threads: Optional[int] = None):
         require_runtime()
         self.folder = folder
-        self.config = read_json_object(os.path.join(folder, CONFIG_FILE))
+        self.config = read_configuration(folder)
         if self.config.get('model', {}).get('type') != ONNX_MODEL_TYPE:
             raise ValueError(f'{folder!r} is not an ONNX export of modelscope-utuning (model.type is not '
                              f'{ONNX_MODEL_TYPE!r})')

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import numbers
-import os
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -30,7 +29,7 @@ from modelscope.preprocessors.base import Preprocessor
 from modelscope.utils.constant import ModeKeys
 from modelscope.utils.logger import get_logger
 
-from ..fileio import read_json_object
+from ..checkpoint.hub_layout import read_configuration
 from ..registration import register_class
 from .image_io import IMAGE_KEYS, ImageInputError, describe, load_image
 from .transform_lists import build_modelscope_list, draws_random_numbers
@@ -192,12 +191,7 @@ def _to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 def _read_config(model_dir: Optional[str]) -> Dict[str, Any]:
-    if model_dir is None:
-        return {}
-    path = os.path.join(model_dir, 'configuration.json')
-    if not os.path.isfile(path):
-        raise ValueError(f'{model_dir!r} has no configuration.json')
-    return read_json_object(path)
+    return {} if model_dir is None else read_configuration(model_dir)
 
 
 def _backbone_img_size(cfg: Mapping) -> Union[int, Sequence[int]]:

@@ -22,7 +22,8 @@ from modelscope.utils.constant import ModeKeys
 
 from ..deploy.onnx_export import (BATCH_AXIS, CONFIG_FILE, INPUT_NAME, ONNX_FILE, PREPROCESSING_FILE, cpu_session,
                                   export_graph, merged_copy, require_exporter, require_runtime)
-from ..fileio import read_json_object, write_text_atomic
+from ..checkpoint.hub_layout import read_configuration
+from ..fileio import write_text_atomic
 from ..preprocessing.description import SCHEMA, SCHEMA_VERSION, describe_loading
 from ..registration import SEG_TASK
 from .network import predict_masks
@@ -69,8 +70,7 @@ def export_segmentation_onnx(model, out_dir: str, opset: Optional[int] = None, e
     require_exporter()
     net0 = model.model
     s = net0.backbone.patch_embed.img_size[0]
-    cfg_path = os.path.join(model.model_dir, CONFIG_FILE) if getattr(model, 'model_dir', None) else None
-    full = read_json_object(cfg_path) if cfg_path and os.path.isfile(cfg_path) else {}
+    full = read_configuration(getattr(model, 'model_dir', None), required=False)
     pre = SegmentationPreprocessor.from_config({'preprocessor': full.get('preprocessor') or {},
                                                 'model': {'backbone': {'img_size': s}}}, ModeKeys.INFERENCE)
     classes = list(net0.CLASSES) if net0.CLASSES is not None else None
@@ -102,7 +102,7 @@ class OnnxSegmenter:
 
     def __init__(self, folder: str, threads: Optional[int] = None):
         require_runtime()
-        self.config = read_json_object(os.path.join(folder, CONFIG_FILE))
+        self.config = read_configuration(folder)
         if (self.config.get('model') or {}).get('type') != ONNX_SEG_TYPE:
             raise ValueError(f'{folder!r} is not a segmentation ONNX export (model.type is not {ONNX_SEG_TYPE!r})')
         self.session = cpu_session(os.path.join(folder, ONNX_FILE), threads)
