@@ -14,12 +14,13 @@ APIs a user calls:
 4. ``pipeline('vision-efficient-tuning', <work_dir>/output)`` classifies held-out images.
 
 ``python -m modelscope_utuning.demo`` or ``modelscope-utuning demo`` (``--quick`` for a smaller run).
+
+This module is the entry point (settings, the run stage by stage, its summary, the command line); what the demo
+prepares (images, configurations) is in ``demo_setup.py`` and how it runs one stage in ``demo_stages.py``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -28,15 +29,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
+# What the demo writes before it trains (data, configurations) and how it runs a stage: modules of their own,
+# their names importable from here as they always were.
+from .demo_setup import (DATA_FILE, FEWSHOT_CLASSES, MEAN, PRETRAIN_CLASSES, STD,  # noqa: F401
+                         base_configuration, folder_name, load_demo_arrays, make_cfg_modify_fn, write_image_folder)
+from .demo_stages import example_images, quiet_console, train_stage
 
-DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_data', 'fashion_mnist_subset.npz')
-PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
-FEWSHOT_CLASSES = (5, 6, 7, 8, 9)
 # The folders run_demo writes under its work_dir (and clears on a rerun), beside data/.
 STAGE_DIRS = ('tiny_vit', 'stage1_pretrain', 'stage2_utuning', 'stage2_linear_probe')
-# Fashion-MNIST's pixel statistics (the images are gray; the preprocessor makes them RGB).
-MEAN, STD = [0.286, 0.286, 0.286], [0.353, 0.353, 0.353]
 
 
 @dataclass
@@ -78,123 +78,6 @@ class DemoSettings:
 FULL = DemoSettings()
 QUICK = DemoSettings(embed_dim=64, depth=2, pretrain_per_class=200, pretrain_val_per_class=20, pretrain_epochs=5,
                      pretrain_lr=2e-3, fewshot_per_class=10, fewshot_val_per_class=20, tune_epochs=10, examples=4)
-
-
-# -- data ----------------------------------------------------------------------------------------------------------
-def load_demo_arrays(path: str = DATA_FILE) -> Dict[str, np.ndarray]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'the demo data {path!r} is missing; rebuild it with tools/make_demo_data.py')
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-def folder_name(class_name: str) -> str:
-    """A class name as a directory name ('T-shirt/top' -> 'T-shirt-top')."""
-    return class_name.replace('/', '-').replace(os.sep, '-')
-
-
-def write_image_folder(arrays: Dict[str, np.ndarray], split: str, per_class: int, root: str) -> Dict[str, int]:
-    """Write the first ``per_class`` images of each class of ``split`` as PNGs under ``root/<class>/``."""
-    from PIL import Image
-    names = [str(n) for n in arrays['class_names']]
-    in_split = arrays['split'] == split
-    counts = {}
-    for c in sorted(set(arrays['labels'][in_split].tolist())):
-        rows = np.flatnonzero(in_split & (arrays['labels'] == c))[:per_class]
-        folder = os.path.join(root, folder_name(names[c]))
-        os.makedirs(folder, exist_ok=True)
-        for i in rows:
-            Image.fromarray(arrays['images'][i], mode='L').save(os.path.join(folder, f'{split}_{i:05d}.png'))
-        counts[names[c]] = len(rows)
-    return counts
-
-
-# -- configuration -----------------------------------------------------------------------------------------------
-def base_configuration(s: DemoSettings) -> Dict:
-    """configuration.json of the untrained tiny ViT (no pytorch_model.pt beside it), set up for full fine-tuning."""
-    from .training.defaults import model_configuration
-    cfg = model_configuration(
-        backbone={'img_size': s.img_size, 'patch_size': s.patch_size, 'embed_dim': s.embed_dim, 'depth': s.depth,
-                  'num_heads': s.num_heads, 'global_pool': s.global_pool, 'tuners': []},
-        head={'num_classes': len(PRETRAIN_CLASSES)},
-        # 28-px images: the eval transform keeps the whole image (crop_pct 1: resize to img_size, no 256-style
-        # resize then crop); training adds mild random crops and flips.
-        preprocessor={'type': 'vision-efficient-tuning-preprocessor', 'img_size': s.img_size, 'crop_pct': 1.0,
-                      'mean': MEAN, 'std': STD,
-                      'train': {'scale': [0.8, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}},
-        train={
-            'max_epochs': s.pretrain_epochs,
-            'dataloader': {'batch_size_per_gpu': s.batch_size, 'workers_per_gpu': 0},
-            'optimizer': {'type': 'AdamW', 'lr': s.pretrain_lr, 'weight_decay': 0.05},
-            'lr_scheduler': {'type': 'CosineAnnealingLR', 'T_max': s.pretrain_epochs, 'options': {'by_epoch': True}},
-            'logging': {'interval': 10},
-            'checkpoint': {'period': {'interval': s.pretrain_epochs}},  # one epoch_N.pth, at the end
-        },
-        evaluation={'dataloader': {'batch_size_per_gpu': 100, 'workers_per_gpu': 0, 'shuffle': False},
-                    'metrics': ['accuracy']})
-    # Full fine-tuning: every backbone parameter trainable ('' matches every name).
-    cfg['model']['freeze_cfg'] = {'train_part': {'backbone': ['']}}
-    return cfg
-
-
-def make_cfg_modify_fn(s: DemoSettings, tuners: List[Dict]) -> Callable:
-    """Stage 2's ``cfg_modify_fn``: the seed's edits (classes, finetune, epochs, schedule) plus the tuners."""
-    def cfg_modify_fn(cfg):
-        cfg.model.head.num_classes = len(FEWSHOT_CLASSES)
-        cfg.model.finetune = True
-        cfg.model.pretrained_cfg = {'unload_part': {'head': ['fc']}}  # a fresh head for the new classes
-        cfg.model.freeze_cfg = None  # back to U-Tuning's policy: backbone frozen, tuners and head trainable
-        cfg.model.backbone.tuners = tuners
-        cfg.train.max_epochs = s.tune_epochs
-        cfg.train.lr_scheduler.T_max = s.tune_epochs
-        cfg.train.optimizer.lr = s.tune_lr
-        cfg.train.optimizer.weight_decay = 1e-4
-        cfg.train.dataloader.batch_size_per_gpu = s.tune_batch_size
-        cfg.train.checkpoint = {'period': {'interval': s.tune_epochs}}
-        cfg.train.logging = {'interval': 4}
-        return cfg
-    return cfg_modify_fn
-
-
-# -- running -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet_console(log_path: Optional[str]):
-    """Keep ModelScope's INFO lines (in the work_dir log files) and its progress bars (in ``log_path``) off the
-    console while the demo prints its own lines; warnings and errors still show. ``None``: change nothing."""
-    if log_path is None:
-        yield
-        return
-    from modelscope.utils.logger import get_logger
-    logger = get_logger()  # created now, so that its console handler is bound to the real stderr
-    saved = [(h, h.level) for h in logger.handlers if type(h) is logging.StreamHandler]
-    for h, _ in saved:
-        h.setLevel(logging.ERROR)
-    with open(log_path, 'a', encoding='utf-8') as sink, contextlib.redirect_stderr(sink):
-        try:
-            yield
-        finally:
-            for h, level in saved:
-                h.setLevel(level)
-
-
-def _train(model: str, work_dir: str, train: str, val: str, cfg_modify_fn: Optional[Callable] = None,
-           evaluate_first: bool = False) -> Dict:
-    from modelscope.metainfo import Trainers
-    from modelscope.trainers import build_trainer
-    import modelscope_utuning  # noqa: F401  (registers the plugin)
-    args = dict(model=model, work_dir=work_dir, train_dataset=train, eval_dataset=val)
-    if cfg_modify_fn is not None:
-        args['cfg_modify_fn'] = cfg_modify_fn
-    trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=args)
-    before = trainer.evaluate() if evaluate_first else None
-    start = time.time()
-    trainer.train()
-    train_s = time.time() - start
-    after = trainer.evaluate()
-    trainable, total = trainer.model_unwrapped.trainable_parameters()
-    return {'accuracy_before': (before or {}).get('accuracy'), 'accuracy': after.get('accuracy'),
-            'trainable': trainable, 'total': total, 'train_seconds': train_s,
-            'output': trainer.output_dir}
 
 
 def run_demo(work_dir: Optional[str] = None, quick: bool = False, settings: Optional[DemoSettings] = None,
@@ -270,8 +153,8 @@ def _run(s: DemoSettings, work_dir: str, quick: bool, verbose: bool, show_logs: 
         say(f'[1/3] pre-training a tiny ViT (img {s.img_size}, patch {s.patch_size}, dim {s.embed_dim}, depth '
             f'{s.depth}) with full fine-tuning on classes 0-4, {s.pretrain_epochs} epochs ...')
         t = time.time()
-        pre = _train(base_dir, os.path.join(work_dir, 'stage1_pretrain'), folders['pretrain_train'][1],
-                     folders['pretrain_val'][1])
+        pre = train_stage(base_dir, os.path.join(work_dir, 'stage1_pretrain'), folders['pretrain_train'][1],
+                          folders['pretrain_val'][1])
         stage_s['pretrain'] = time.time() - t
         say(f'      val accuracy {pre["accuracy"]:.3f} on classes 0-4, {pre["trainable"]:,} of {pre["total"]:,} '
             f'parameters trained, {stage_s["pretrain"]:.0f} s')
@@ -283,8 +166,8 @@ def _run(s: DemoSettings, work_dir: str, quick: bool, verbose: bool, show_logs: 
             f'tri-tuner (parallel adapter on MHA + parallel adapter on FFN + parallel prefix on the block), '
             f'{s.tune_epochs} epochs ...')
         t = time.time()
-        tuned = _train(backbone_dir, os.path.join(work_dir, 'stage2_utuning'), folders['fewshot_train'][1],
-                       folders['fewshot_val'][1], make_cfg_modify_fn(s, tuners), evaluate_first=True)
+        tuned = train_stage(backbone_dir, os.path.join(work_dir, 'stage2_utuning'), folders['fewshot_train'][1],
+                            folders['fewshot_val'][1], make_cfg_modify_fn(s, tuners), evaluate_first=True)
         stage_s['utuning'] = time.time() - t
         say(f'      val accuracy {tuned["accuracy_before"]:.3f} before (frozen backbone + untrained head) -> '
             f'{tuned["accuracy"]:.3f} after; {tuned["trainable"]:,} of {tuned["total"]:,} parameters trained '
@@ -293,8 +176,8 @@ def _run(s: DemoSettings, work_dir: str, quick: bool, verbose: bool, show_logs: 
         probe = None
         if s.linear_probe:
             t = time.time()
-            probe = _train(backbone_dir, os.path.join(work_dir, 'stage2_linear_probe'), folders['fewshot_train'][1],
-                           folders['fewshot_val'][1], make_cfg_modify_fn(s, []))
+            probe = train_stage(backbone_dir, os.path.join(work_dir, 'stage2_linear_probe'),
+                                folders['fewshot_train'][1], folders['fewshot_val'][1], make_cfg_modify_fn(s, []))
             stage_s['linear_probe'] = time.time() - t
             say(f'      linear probe (head only, same backbone, data and epochs): val accuracy '
                 f'{probe["accuracy"]:.3f}, {probe["trainable"]:,} parameters trained, '
@@ -306,7 +189,7 @@ def _run(s: DemoSettings, work_dir: str, quick: bool, verbose: bool, show_logs: 
         out_dir = tuned['output']
         classifier = pipeline('vision-efficient-tuning', out_dir, device='cpu')
         val_root = folders['fewshot_val'][1]
-        examples = _example_images(val_root, s.examples)
+        examples = example_images(val_root, s.examples)
         results = classifier([path for path, _ in examples], topk=1)
         stage_s['pipeline'] = time.time() - t
     predictions = [{'image': os.path.relpath(path, work_dir), 'true': truth, 'predicted': r['labels'][0],
@@ -361,19 +244,6 @@ def _run(s: DemoSettings, work_dir: str, quick: bool, verbose: bool, show_logs: 
         f'{counts["fewshot_val"]} images, has a standard error of up to +-{se:.3f}. The paper\'s numbers (VTAB-1K, '
         'FGVC) need a real pre-trained backbone and a GPU; see README.md and benchmarks/.', width=110))
     return result
-
-
-def _example_images(root: str, n: int) -> List[tuple]:
-    """``n`` images spread over the class folders of ``root``: [(path, class name)]."""
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    per_class = {c: sorted(os.listdir(os.path.join(root, c))) for c in classes}
-    picked, i = [], 0
-    while len(picked) < n and any(i < len(v) for v in per_class.values()):
-        for c in classes:
-            if i < len(per_class[c]) and len(picked) < n:
-                picked.append((os.path.join(root, c, per_class[c][-1 - i]), c))
-        i += 1
-    return picked
 
 
 def main(argv=None) -> int:

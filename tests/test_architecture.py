@@ -25,7 +25,7 @@ LAYERS = [('fileio', 'extras'), ('backbone',), ('tuners',), ('checkpoint',),
           ('head', 'backbone_config', 'network', 'network_files'),
           ('compat', 'location', 'registration', 'model', 'multitask', 'pipeline', 'preprocessing', 'data', 'training',
            'deploy', 'segmentation'),
-          ('cli', 'demo', 'demo_segmentation', '__main__', '__init__')]
+          ('cli', 'demo', 'demo_setup', 'demo_stages', 'demo_segmentation', '__main__', '__init__')]
 
 
 def layer_of(module: str) -> int:
