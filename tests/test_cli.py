@@ -21,6 +21,8 @@ from modelscope_utuning.cli import CLIError, apply_overrides, main, parse_overri
 from modelscope_utuning.model import VisionEfficientTuningModel
 from modelscope_utuning.training.export import export_output
 
+from colour_runs import model_dir, write_folder
+
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 TRI_TUNER = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4},
              {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 4},
@@ -398,3 +400,29 @@ def test_push_calls_hub_api(tri_dir, capsys, monkeypatch):
     assert upload['repo_id'] == 'me/tiny-utuning' and upload['folder_path'] == os.path.abspath(tri_dir)
     assert upload['commit_message'] == 'first upload' and upload['token'] == 'secret-token'
     assert 'secret-token' not in out + err
+
+
+# -- train: bad values name the key and write nothing; a work_dir that is a file (issue 11) ----------------------------
+@pytest.mark.parametrize('override,message', [
+    ('train.max_epochs=abc', "train.max_epochs='abc': expected an integer >= 1"),
+    ('train.max_epochs=1.5', 'train.max_epochs=1.5: expected an integer >= 1'),
+    ('train.max_epochs=0', 'train.max_epochs=0: expected an integer >= 1'),
+    ('train.optimizer.lr=-1', 'train.optimizer.lr=-1: expected a number > 0'),
+    ('model.head.num_classes=zero', "model.head.num_classes='zero'"),
+])
+def test_cli_bad_values_name_the_key_and_write_nothing(tmp_path, capsys, override, message):
+    from modelscope_utuning.cli import main
+    data = write_folder(tmp_path / 'd', 'ab', n=2)
+    code = main(['train', model_dir(tmp_path / 'model', 2), '--train-data', data, '--work-dir',
+                 str(tmp_path / 'work'), override])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not os.path.exists(tmp_path / 'work' / 'output')
+
+
+def test_cli_work_dir_that_is_a_file(tmp_path, capsys):
+    from modelscope_utuning.cli import main
+    (tmp_path / 'f').write_text('x')
+    code = main(['train', model_dir(tmp_path / 'model', 2), '--train-data', write_folder(tmp_path / 'd', 'ab', n=2),
+                 '--work-dir', str(tmp_path / 'f')])
+    assert code == 2 and 'is a file' in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Dataset readers: every source kind, class names, path resolution, error messages, unreadable images."""
+"""Dataset readers: every source kind, class names, path resolution, error messages, unreadable images, link loops."""
 import io
 import json
 import logging
@@ -13,6 +13,8 @@ from modelscope_utuning.data import (PATH_KEY, ImageRowsDataset, UnreadableImage
                                      from_hf_dataset, from_image_folder, from_manifest, from_msdataset, from_rows,
                                      from_vtab_list, load_dataset_any, read_class_names)
 from modelscope_utuning.preprocessing.image_io import load_image
+
+from colour_runs import write_folder
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -437,3 +439,16 @@ def test_load_dataset_any_dispatch(tmp_path, flowers):
         load_dataset_any(tmp_path / 'nowhere.csv')
     with pytest.raises(TypeError, match='cannot read a dataset from int'):
         load_dataset_any(3)
+
+
+# -- link loops in an image folder (issue 11) --------------------------------------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_a_link_loop_in_an_image_folder_reads_each_image_once_with_its_class(tmp_path):
+    from modelscope_utuning.data import load_dataset_any
+    data = write_folder(tmp_path / 'd', 'ab', n=3)
+    os.symlink(data, os.path.join(data, 'a', 'loop'))  # back to the root: b's images would become a's
+    os.symlink(os.path.join(data, 'a'), os.path.join(data, 'a', 'self'))
+    ds = load_dataset_any(data)
+    assert len(ds) == 6 and ds.labels == [0, 0, 0, 1, 1, 1]
+    from modelscope_utuning.cli import expand_inputs
+    assert len(expand_inputs([data])) == 6

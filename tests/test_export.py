@@ -1,5 +1,5 @@
 """Export formats: tuner-only files (adapter_model.safetensors + adapter_config.json) and LoRA merged for
-inference."""
+inference; a trained run's tuner-only files without their base refuse to build a random backbone."""
 import json
 import os
 
@@ -11,6 +11,8 @@ from modelscope_utuning.checkpoint import tuner_only
 from modelscope_utuning.checkpoint.tuner_only import CONFIG_FILE, WEIGHTS_FILE
 from modelscope_utuning.model import (VisionEfficientTuningModel, has_lora, load_tuners, merge_lora,
                                       model_from_tuners, save_tuners)
+
+from colour_runs import trained  # noqa: F401  (a fixture)
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
 TRI_TUNER = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4},
@@ -237,3 +239,12 @@ def test_merge_bare_backbone():
         want = vit(x)
         got = merge_lora(vit)(x)
     assert not has_lora(vit) and (got - want).abs().max().item() < 1e-5
+
+
+# -- tuner-only files of a trained run, without their base (issue 11) --------------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_tuners_without_base_weights_refuse_to_build_a_random_backbone(trained, tmp_path):
+    from modelscope_utuning import model_from_tuners
+    root, out = trained
+    with pytest.raises(ValueError, match='pass pretrained_weights='):
+        model_from_tuners(out)

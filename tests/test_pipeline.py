@@ -1,5 +1,5 @@
 """pipeline('vision-efficient-tuning', ...): the built-in's answers on hub-layout fixtures, every input form, batched
-lists, top-k, devices, no network for local folders, clear refusals."""
+lists, top-k, devices, no network for local folders, clear refusals, a model cast to bf16."""
 import json
 import os
 import pathlib
@@ -16,6 +16,8 @@ from modelscope_utuning import VisionEfficientTuningModel
 from modelscope_utuning.pipeline import VisionEfficientTuningPipeline
 from modelscope_utuning.preprocessing.image_io import ImageInputError
 from modelscope_utuning.preprocessing.preprocessor import VisionEfficientTuningPreprocessor
+
+from colour_runs import trained  # noqa: F401  (a fixture)
 
 TASK = 'vision-efficient-tuning'
 BUILTIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'builtin')
@@ -259,3 +261,14 @@ def test_local_model_folders_never_touch_the_network(tiny_dir, no_network, monke
     with pytest.raises(ValueError, match='has no configuration.json'):
         VisionEfficientTuningPipeline(str(empty), device='cpu')
     assert no_network == []
+
+
+# -- a model in bf16 predicts (issue 11) -------------------------------------------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_pipeline_runs_a_bf16_model(trained):
+    root, out = trained
+    p = pipeline('vision-efficient-tuning', out, device='cpu')
+    want = p(os.path.join(root, 'train', 'c', '1.png'))
+    p.model.to(torch.bfloat16)
+    got = p(os.path.join(root, 'train', 'c', '1.png'))
+    assert got['labels'][0] == want['labels'][0] == 'c'

@@ -1,5 +1,5 @@
 """Image loading, transforms and the preprocessor: torchvision's numbers without torchvision, every input kind,
-configuration mapping, and clear refusals of bad input."""
+configuration mapping, clear refusals of bad input, and any image shape in bounded memory."""
 import hashlib
 import http.server
 import io
@@ -8,6 +8,9 @@ import os
 import pathlib
 import pickle
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import zlib
 
@@ -21,6 +24,8 @@ from modelscope_utuning.preprocessing import transforms as T
 from modelscope_utuning.preprocessing.image_io import ImageInputError, load_image
 from modelscope_utuning.preprocessing.preprocessor import VisionEfficientTuningPreprocessor
 from modelscope.utils.constant import ModeKeys
+
+from colour_runs import trained  # noqa: F401  (a fixture)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 BUILTIN = os.path.join(FIXTURES, 'builtin')
@@ -419,3 +424,29 @@ def test_decompression_bombs_are_refused(tmp_path):
                 VisionEfficientTuningPreprocessor.from_model_dir(os.path.join(BUILTIN, 'adapter'), max_pixels=9999)):
         with pytest.raises(ImageInputError, match='small.png.*exceeds the limit'):
             pre({'img_path:FILE': small})
+
+
+# -- any image shape in bounded memory (issue 11) ----------------------------------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_an_image_of_extreme_aspect_ratio_costs_little_memory(trained, tmp_path):
+    root, out = trained
+    path = tmp_path / 'thin.png'
+    Image.fromarray(np.full((40000, 2, 3), 200, np.uint8)).save(path)  # 2 x 40000: a few kB on disk
+    script = textwrap.dedent(f'''
+        import resource, modelscope_utuning
+        from modelscope.pipelines import pipeline
+        p = pipeline('vision-efficient-tuning', {out!r}, device='cpu')
+        p({str(path)!r})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(p({str(path)!r})['labels'][0])
+        for _ in range(3):
+            p({str(path)!r})
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    ''')
+    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    label, grown_mb = res.stdout.split()[-2:]
+    assert label in 'abcd' and int(grown_mb) < 50  # a shorter side of 256 would have made 1.3 gigapixels
+    from modelscope_utuning.preprocessing.transforms import eval_transform
+    img = Image.open(path).convert('RGB')
+    assert eval_transform(32, resize_to=36)(img).shape == (3, 32, 32)

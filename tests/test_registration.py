@@ -1,8 +1,15 @@
 """Registration: importing the package loads only the model side; ModelScope's builders load the rest on demand,
-always our classes, never the built-in module. Runs in a fresh interpreter (the test session imports everything)."""
+always our classes, never the built-in module. Runs in a fresh interpreter (the test session imports everything).
+A trained folder of ours loaded without the plugin says which package it needs."""
+import json
+import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
+
+from colour_runs import trained  # noqa: F401  (a fixture)
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -41,3 +48,20 @@ def test_import_is_light_and_builders_load_our_classes():
     segmentation = ('models', 'pipelines', 'pipelines', 'preprocessors', 'trainers', 'metrics')
     assert built == [f'built: {r} True' for r in per_task + segmentation]
     assert lines[-1] == 'builtin imported: False'
+
+
+# -- a folder of ours loaded without the plugin names the package (issue 11) -------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_a_folder_of_ours_without_the_plugin_names_the_package(trained):
+    root, out = trained
+    cfg = json.load(open(os.path.join(out, 'configuration.json')))
+    assert cfg['model']['type'] == cfg['pipeline']['type'] == 'vision-efficient-tuning@modelscope-utuning'
+    script = textwrap.dedent(f'''
+        from modelscope.pipelines import pipeline
+        try:
+            pipeline('vision-efficient-tuning', {out!r}, device='cpu')
+        except Exception as e:
+            print('ERROR', e)
+    ''')
+    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert 'ERROR' in res.stdout and 'modelscope-utuning' in res.stdout, res.stdout + res.stderr[-2000:]

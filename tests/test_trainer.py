@@ -1,5 +1,6 @@
 """The seed's fine-tuning flow, offline: ModelScope's own test (tests/trainers/test_finetune_vision_efficient_tuning.py
-in the modelscope repository) on tiny hub-layout models made by the built-in, through ``build_trainer``."""
+in the modelscope repository) on tiny hub-layout models made by the built-in, through ``build_trainer``. Also: a run
+without evaluation data but with an EvaluationHook finishes; a second run on a busy work_dir is refused."""
 import json
 import os
 import shutil
@@ -20,9 +21,12 @@ from modelscope.msdatasets import MsDataset
 from modelscope.pipelines import pipeline
 from modelscope.trainers import build_trainer
 
+from modelscope_utuning import load_model
 from modelscope_utuning.checkpoint.hub_layout import from_builtin_names, read_checkpoint
 from modelscope_utuning.training.optim import param_groups
 from modelscope_utuning.training.trainer import VisionEfficientTuningTrainer
+
+from colour_runs import model_dir, train, write_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, 'fixtures', 'builtin')
@@ -297,3 +301,35 @@ def test_two_process_gloo_data_parallel(rows, tmp_path):
     assert ranks[0]['result'] == ranks[1]['result'] and 'accuracy' in ranks[0]['result']
     assert ranks[0]['tuned'] == ranks[1]['tuned']  # gradients were all-reduced: replicas stay identical
     assert os.path.isfile(os.path.join(work, 'output', 'pytorch_model.pt'))
+
+
+# -- a run without evaluation data; one run per work_dir (issue 11) ----------------------------------------------------
+@pytest.mark.usefixtures('one_thread')
+def test_a_run_without_eval_data_but_an_evaluation_hook_finishes(tmp_path):
+    def hook(cfg):
+        cfg.train.hooks = [{'type': 'EvaluationHook', 'interval': 1}]
+        cfg.train.checkpoint = {'period': {'interval': 1}}
+    trainer = train(model_dir(tmp_path / 'model'), tmp_path / 'work', write_folder(tmp_path / 'd', 'abcd'),
+                    epochs=2, extra=hook)
+    trainer.train()
+    assert os.path.isfile(tmp_path / 'work' / 'epoch_2.pth')
+    assert load_model(str(tmp_path / 'work' / 'output')).CLASSES == list('abcd')
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_a_second_run_on_a_busy_work_dir_is_refused(tmp_path):
+    from modelscope_utuning.training.workdir import WorkDirBusyError, WorkDirLock
+    work = tmp_path / 'work'
+    holder = subprocess.Popen([sys.executable, '-c', textwrap.dedent(f'''
+        import sys, time
+        from modelscope_utuning.training.workdir import WorkDirLock
+        WorkDirLock({str(work)!r}).acquire(); print('locked', flush=True); time.sleep(60)''')],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        with pytest.raises(WorkDirBusyError, match=f'in use by another training run \\(pid {holder.pid}\\)'):
+            train(model_dir(tmp_path / 'model'), work, write_folder(tmp_path / 'd', 'abcd'), epochs=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    WorkDirLock(str(work)).acquire().release()  # the kill released it
