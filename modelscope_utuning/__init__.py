@@ -4,7 +4,7 @@ Importing the package gives our model, preprocessor, pipeline, trainer and metri
 ``vision-efficient-tuning`` names; each module loads when ModelScope first builds it (see
 :mod:`modelscope_utuning.registration`).
 """
-__version__ = '0.2.0'
+__version__ = '0.2.0'  # before the imports below: checkpoint.migrate reads it as it loads
 
 try:
     from . import registration  # noqa: E402,F401  (points ModelScope's builders at our modules)
@@ -23,7 +23,7 @@ except ImportError as error:  # a ModelScope release that cannot import here: sa
 def train_bypass_tasks(trainers):
     """Train several bypass tasks in one run on one frozen forward per step: ``{name: trainer}`` -> ``{name: output
     folder}`` (see :mod:`modelscope_utuning.training.tasks`)."""
-    from .training.tasks import train_bypass_tasks as run
+    from .training.tasks import train_bypass_tasks as run  # keeps `import modelscope_utuning` light (training)
     return run(trainers)
 
 

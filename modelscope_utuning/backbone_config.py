@@ -10,7 +10,7 @@ import inspect
 from typing import Any, Dict, List, Tuple
 
 from .backbone.vit import VisionTransformer, check_arguments
-from .tuners.base import legacy_keys
+from .tuners.base import legacy_keys, tuner_kinds
 from .tuners.spec import legacy_entries
 
 VIT_ARGS = tuple(p for p in inspect.signature(VisionTransformer.__init__).parameters if p != 'self')
@@ -45,7 +45,6 @@ def base_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def without_kinds(cfg: Dict[str, Any], kinds) -> Dict[str, Any]:
     """The backbone configuration with every entry and legacy key of ``kinds`` removed (e.g. after merging)."""
-    from .tuners.base import tuner_kinds
     kinds = set(kinds)
     out = dict(cfg)
     for kind, cls in tuner_kinds().items():

@@ -65,6 +65,8 @@ import os
 import sys
 from typing import Any, Optional
 
+from .location import locate_model_source
+
 OUR_NAME = 'vision-efficient-tuning'  # Tasks.vision_efficient_tuning == Models.vision_efficient_tuning
 
 # -- 1. the hub lookup for trusted publishers --------------------------------------------------------------------
@@ -129,7 +131,7 @@ def guard_trusted_source_lookup() -> bool:
 def _builder_model_argument(frame) -> Any:
     """The model argument of the ModelScope builder call that ``frame`` runs when that call is for our task,
     pipeline or trainer; None for any other frame or call."""
-    from .registration import PLUGIN_TYPE, SEG_TYPE, TASK
+    from .registration import PLUGIN_TYPE, SEG_TYPE, TASK  # cycle: registration imports compat at import time
     pipelines = sys.modules.get('modelscope.pipelines.builder')
     trainers = sys.modules.get('modelscope.trainers.builder')
     code = frame.f_code if frame is not None else None
@@ -156,7 +158,6 @@ def refuse_missing_model_path(frame) -> None:
     model = _builder_model_argument(frame)
     if model is None:
         return
-    from .location import locate_model_source
     for item in model if isinstance(model, (list, tuple)) else [model]:
         if isinstance(item, (str, os.PathLike)):
             locate_model_source(item)

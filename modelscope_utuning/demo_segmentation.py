@@ -23,6 +23,10 @@ import time
 from typing import Callable, Dict, Optional
 
 from .demo import PRETRAIN_CLASSES, FEWSHOT_CLASSES, quiet_console
+from .deploy.app import overlay
+from .registration import SEG_TASK, SEG_TYPE
+from .segmentation.scenes import shipped_items, write_scenes
+from .training.defaults import model_configuration
 
 TRI = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 8},
        {'type': 'adapter', 'op': 'ffn', 'form': 'parallel', 'dim': 8},
@@ -36,7 +40,6 @@ QUICK = dict(size=56, patch=7, dim=64, depth=2, heads=4, pretrain_scenes=80, pre
 def _trainer(model: str, work_dir: str, train: str, evaluation: str, cfg_modify_fn: Callable):
     import modelscope_utuning  # noqa: F401  (registers the plugin)
     from modelscope.trainers import build_trainer
-    from .registration import SEG_TYPE
     return build_trainer(name=SEG_TYPE, default_args=dict(model=model, work_dir=work_dir, train_dataset=train,
                                                          eval_dataset=evaluation, cfg_modify_fn=cfg_modify_fn))
 
@@ -60,9 +63,6 @@ def run_segmentation_demo(work_dir: Optional[str] = None, quick: bool = False, t
                           show_logs: bool = False, print_fn: Callable[[str], None] = print) -> Dict:
     """Run the demo (see the module docstring); returns the measured mIoUs, times and paths."""
     import torch
-    from .registration import SEG_TASK, SEG_TYPE
-    from .segmentation.scenes import shipped_items, write_scenes
-    from .training.defaults import model_configuration
     s = QUICK if quick else FULL
     say = print_fn
     t0 = time.time()
@@ -122,7 +122,6 @@ def run_segmentation_demo(work_dir: Optional[str] = None, quick: bool = False, t
                 say(f'      held-out mIoU {result["mIoU"]:.3f}, pixel accuracy {result["pixel_accuracy"]:.3f}; '
                     f'{trainable:,} of {total:,} parameters trained, {times[name]:.0f} s')
             from modelscope.pipelines import pipeline
-            from .deploy.app import overlay
             out = results['U-Tuning tri-tuner']['output']
             segmenter = pipeline(SEG_TASK, out, device='cpu')
             shown = os.path.join(work_dir, 'overlays')

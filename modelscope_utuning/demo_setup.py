@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List
 
 import numpy as np
 
+from .training.defaults import model_configuration
+
 if TYPE_CHECKING:  # only for annotations: demo.py imports this module
     from .demo import DemoSettings
 
@@ -56,7 +58,6 @@ def write_image_folder(arrays: Dict[str, np.ndarray], split: str, per_class: int
 # -- configuration -----------------------------------------------------------------------------------------------
 def base_configuration(s: DemoSettings) -> Dict:
     """configuration.json of the untrained tiny ViT (no pytorch_model.pt beside it), set up for full fine-tuning."""
-    from .training.defaults import model_configuration
     cfg = model_configuration(
         backbone={'img_size': s.img_size, 'patch_size': s.patch_size, 'embed_dim': s.embed_dim, 'depth': s.depth,
                   'num_heads': s.num_heads, 'global_pool': s.global_pool, 'tuners': []},

@@ -20,10 +20,11 @@ from .backbone.vit import VisionTransformer
 from .checkpoint.hub_layout import (CHECKPOINT_FILE, network_state_from_hub, read_checkpoint, read_configuration,
                                     split_model_state)
 from .checkpoint.merge import has_tuners, merge_block_tuners
+from .checkpoint.migrate import migrate_backbone, writer_of_checkpoint, writer_of_folder
 from .head import ClassifierHead
 from .location import locate_model_source
 from .network import VisionEfficientTuning, as_network
-from .registration import register_class
+from .registration import SEG_TYPE, register_class
 from .tuners.spec import TunerSpec
 
 __all__ = ['VisionEfficientTuningModel', 'has_lora', 'load_model', 'load_tuners', 'merge_lora', 'model_from_tuners',
@@ -229,7 +230,6 @@ def _version_defaults(backbone_cfg: Dict[str, Any], model_dir: Optional[str]) ->
     """``model.backbone`` with its tuner entries migrated for the version that wrote ``model_dir``'s
     configuration.json (``utuning.version``; none: not written by this package, today's defaults): a folder saved
     by 0.1 keeps ``join: absolute`` (:mod:`.checkpoint.migrate`)."""
-    from .checkpoint.migrate import migrate_backbone, writer_of_folder
     return migrate_backbone(backbone_cfg, writer_of_folder(model_dir), source=f'{model_dir}/configuration.json')
 
 
@@ -284,7 +284,6 @@ def load_model(path: str) -> VisionEfficientTuningModel:
                          'CLASSES and model_cfg); load the folder with its configuration.json instead')
     cfg = dict(ckpt['model_cfg'])
     if cfg.get('backbone'):  # its tuner entries mean what they meant to the version that wrote the file
-        from .checkpoint.migrate import migrate_backbone, writer_of_checkpoint
         cfg['backbone'] = migrate_backbone(cfg['backbone'], writer_of_checkpoint(ckpt), source=f'checkpoint {path!r}')
     cls = _model_class(cfg.pop('type', None))
     cfg['finetune'] = False
@@ -299,9 +298,8 @@ def load_model(path: str) -> VisionEfficientTuningModel:
 
 def _model_class(model_type: Optional[str]) -> type:
     """Our model class for a configuration's ``model.type`` (the classifier unless it names segmentation)."""
-    from .registration import SEG_TYPE
     if model_type == SEG_TYPE:
-        from .segmentation.model import VisionEfficientTuningSegmentationModel
+        from .segmentation.model import VisionEfficientTuningSegmentationModel  # cycle: it imports this module
         return VisionEfficientTuningSegmentationModel
     return VisionEfficientTuningModel
 

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from .backbone.bypass import forward_bypass
 from .checkpoint import tuner_only
 from .checkpoint.hub_layout import CHECKPOINT_FILE
+from .checkpoint.migrate import migrate_backbone, writer_of_configuration
 from .fileio import read_json_object
 from .location import HUB, locate_model_source
-from .model import VisionEfficientTuningModel, load_model
+from .model import VisionEfficientTuningModel, _model_class, load_model
 from .network import VisionEfficientTuning
+from .network_files import _base_differences
 
 CONFIG = 'configuration.json'
 
@@ -57,7 +59,6 @@ def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
 
 def model_class_of(folder: str) -> type:
     """Our model class for a folder (the classifier, or the segmentation model its configuration names)."""
-    from .model import _model_class
     path = os.path.join(folder, CONFIG)
     kind = (read_json_object(path).get('model') or {}).get('type') if os.path.isfile(path) else None
     return _model_class(kind)
@@ -66,7 +67,6 @@ def model_class_of(folder: str) -> type:
 def _model_section(folder: str) -> Dict[str, Any]:
     """The ``model`` section of ``folder``'s configuration.json, its tuner entries migrated for the version that
     wrote it (:mod:`.checkpoint.migrate`)."""
-    from .checkpoint.migrate import migrate_backbone, writer_of_configuration
     path = os.path.join(folder, CONFIG)
     full = read_json_object(path)
     cfg = dict(full.get('model') or {})
@@ -102,7 +102,6 @@ class SharedBackbone:
         with torch.device('meta'):
             net = model_class_of(folder).network_class(backbone_cfg, dict(cfg.get('head') or tcfg['head']),
                                                        classes=tcfg.get('CLASSES'))
-        from .network_files import _base_differences
         if _base_differences(self.base, net.base_config()):
             return None
         trained = set(net.tuner_parameters())

@@ -20,11 +20,12 @@ import torch.nn as nn
 
 from .backbone.vit import VisionTransformer
 from .backbone_config import split_backbone_config, without_kinds
+from .checkpoint.converters import load_pretrained_backbone
 from .checkpoint.merge import merge_block_tuners
 from .head import ClassifierHead
 from .network_files import SavedWeights
 from .tuners import attach_block_tuners, build_tuner, bypass_problems, parse_tuners
-from .tuners.base import Tuner, dims_of, slot_name
+from .tuners.base import Tuner, dims_of, slot_name, tuner_kinds
 from .tuners.spec import TunerSpec
 
 HEAD_ARGS = ('dim', 'num_classes', 'dropout_rate')
@@ -65,7 +66,6 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
         self.label_smoothing = float(label_smoothing)
         weights = extras.get('pretrained_weights')
         if weights:
-            from .checkpoint.converters import load_pretrained_backbone
             if base_dir and not os.path.isabs(weights) and os.path.isfile(os.path.join(base_dir, weights)):
                 weights = os.path.join(base_dir, weights)  # relative to the model folder, as shipped
             load_pretrained_backbone(self.backbone, weights)
@@ -107,7 +107,6 @@ class VisionEfficientTuning(SavedWeights, nn.Module):
             return
         bad = bypass_problems(self.specs)
         if bad or not self.specs:
-            from .tuners.base import tuner_kinds
             able = [f'{" / ".join(c.bypass_forms)} {k}' for k, c in tuner_kinds().items() if c.bypass_forms]
             raise ValueError('model.backbone.bypass needs tuners that run beside the frozen backbone '
                              f'({", ".join(able)}); not supported: {bad or "no tuners"}')

@@ -20,8 +20,11 @@ from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement, verify_device
 from modelscope.utils.logger import get_logger
 
+from .backbone.linear import quantize_frozen_linears
 from .checkpoint.hub_layout import read_configuration
+from .fileio import read_json_object
 from .location import EXPECTED, HUB, locate_model_source
+from .multitask import TaskGroup
 from .preprocessing.image_io import ImageInputError
 from .preprocessing.preprocessor import VisionEfficientTuningPreprocessor
 from .registration import register_class
@@ -50,7 +53,6 @@ def apply_precision(precision: str, models: List[Any], device: str) -> None:
     """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only)."""
     if precision != 'int8':
         return
-    from .backbone.linear import quantize_frozen_linears
     if not str(device).startswith('cpu') and torch.cuda.is_available():
         raise ValueError(f"precision='int8' is the CPU path (PyTorch's int8 kernels); device={device!r}: use 'cpu'")
     if sum(quantize_frozen_linears(m) for m in models) == 0:
@@ -99,8 +101,7 @@ def _check_model_path(model: Any) -> Any:
 def _refuse_onnx_export(folder: str) -> None:
     """An ONNX export (``modelscope-utuning export --onnx``) holds no torch weights: say how to run it rather than
     fail in the model registry."""
-    from .deploy.onnx_export import ONNX_MODEL_TYPE
-    from .fileio import read_json_object
+    from .deploy.onnx_export import ONNX_MODEL_TYPE  # optional: the ONNX export code loads only for its folders
     try:
         model_type = (read_json_object(os.path.join(folder, 'configuration.json')).get('model') or {}).get('type')
     except ValueError:
@@ -134,6 +135,7 @@ def _preprocessors(models: List[Any], cfg: Any, given: Optional[Any]) -> List[An
         key = (json.dumps(section, sort_keys=True), size, dense)
         if key not in seen:
             if dense:  # a segmentation model: the whole image resized, its size kept for the output masks
+                # keeps the classification pipeline off the segmentation package until a dense model comes
                 from .segmentation.preprocessor import SegmentationPreprocessor
                 seen[key] = SegmentationPreprocessor.from_config(
                     {'preprocessor': section or {}, 'model': {'backbone': {'img_size': size[0]}}}, ModeKeys.INFERENCE)
@@ -173,7 +175,6 @@ class VisionEfficientTuningPipeline(Pipeline):
         self._many = isinstance(model, (list, tuple))
         if self._many or backbone is not None:
             # several models (one result per model), and folders holding only tuners: backbones loaded once
-            from .multitask import TaskGroup
             sources = [_local_model(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
             if not sources:
                 raise ValueError('model=[]: expected at least one model')
@@ -259,7 +260,7 @@ class VisionEfficientTuningPipeline(Pipeline):
     def _dense_result(model, logits: torch.Tensor, size: Tuple[int, int]) -> Dict[str, Any]:
         """A segmentation model's answer among several models: as its own pipeline gives it
         (:class:`~.segmentation.pipeline.SegmentationPipeline`)."""
-        from .segmentation.pipeline import dense_result
+        from .segmentation.pipeline import dense_result  # cycle: segmentation.pipeline imports this module
         return dense_result(model, logits, size)
 
     def _postprocess_for(self, model, scores: torch.Tensor, topk: Optional[int] = None) -> Dict[str, list]:

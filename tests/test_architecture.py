@@ -127,3 +127,37 @@ def test_the_hook_contract_is_a_leaf():
     assert not list(imports(path, 'modelscope_utuning.backbone.hooks'))
     from modelscope_utuning.backbone.hooks import OpContext
     assert 'block' not in OpContext.__slots__
+
+
+def _function_level_imports_of_the_package(path: str):
+    """(line number, statement) of each import of the package's own modules inside a function of ``path``."""
+    found = {}
+    for fn in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom):
+                    ours = node.level > 0 or (node.module or '').split('.')[0] == 'modelscope_utuning'
+                elif isinstance(node, ast.Import):
+                    ours = any(a.name.split('.')[0] == 'modelscope_utuning' for a in node.names)
+                else:
+                    continue
+                if ours:
+                    found[node.lineno] = node
+    return sorted(found.items())
+
+
+def test_every_lazy_import_of_the_package_says_why():
+    """A module imports the package's modules at its top. One that imports them inside a function says why, in a
+    comment on the import's line or a comment line just above it: a cycle (``# cycle: a imports b at import
+    time``) or an import kept light or optional (``# optional: ...``, ``# keeps ... light``). Lazy imports that
+    hide no cycle are dead weight: they hide a module's dependencies and move import errors to run time."""
+    silent = []
+    for path, module in ALL:
+        lines = open(path, encoding='utf-8').read().splitlines()
+        for lineno, node in _function_level_imports_of_the_package(path):
+            own = lines[lineno - 1:node.end_lineno]  # an import statement holds no string: '#' starts a comment
+            above = lines[lineno - 2].strip() if lineno > 1 else ''
+            if not any('#' in line for line in own) and not above.startswith('#'):
+                silent.append(f'{module}:{lineno}: {ast.unparse(node)}')
+    assert not silent, ('imports of the package inside a function with no comment saying why (hoist them to the '
+                        'top of the module unless that makes a cycle):\n  ' + '\n  '.join(silent))

@@ -29,6 +29,10 @@ import dataclasses
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from .. import __version__
+from ..fileio import read_json_object
+from ..tuners.base import tuner_kinds
+
 PACKAGE = 'modelscope-utuning'
 # What an entry that left an option out meant, per writer version (major.minor). Only options whose default
 # changed between versions are listed; a version that changes a default adds a row (tests/test_migration.py
@@ -43,7 +47,6 @@ FORM_OF_OPTION = {'join': 'parallel'}
 
 def writer_marker() -> Dict[str, str]:
     """What a writer records about itself (``written_by`` / ``utuning``)."""
-    from .. import __version__
     return {'package': PACKAGE, 'version': __version__}
 
 
@@ -70,7 +73,6 @@ def migrate(entries: Optional[Sequence[Any]], written_by: Optional[str], format_
     defaults = WRITER_DEFAULTS.get(_minor(written_by) or '', {}) if written_by else {}
     if not defaults:
         return [dict(e) if isinstance(e, Mapping) else e for e in entries]
-    from ..tuners.base import tuner_kinds
     kinds = tuner_kinds()
     out = []
     for e in entries:
@@ -110,7 +112,6 @@ def writer_of_folder(folder: Optional[str]) -> Optional[str]:
     path = os.path.join(folder, 'configuration.json') if folder else None
     if not path or not os.path.isfile(path):
         return None
-    from ..fileio import read_json_object
     try:
         return writer_of_configuration(read_json_object(path))
     except ValueError:

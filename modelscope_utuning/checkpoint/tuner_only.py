@@ -30,6 +30,8 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 
 from ..fileio import atomic_write, write_text_atomic
+from ..tuners.base import tuner_kinds
+from .migrate import migrate, writer_marker, writer_of_tuner_config
 
 WEIGHTS_FILE = 'adapter_model.safetensors'
 CONFIG_FILE = 'adapter_config.json'
@@ -41,7 +43,6 @@ def write_tuner_files(folder: str, state: Mapping[str, torch.Tensor], config: Di
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    from .migrate import writer_marker
     config = dict(config, format_version=FORMAT_VERSION, written_by=writer_marker())
     text = json.dumps(config, indent=2, ensure_ascii=False, default=_json_default) + '\n'
     weights, cfg_path = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, CONFIG_FILE)
@@ -79,7 +80,6 @@ def read_tuner_config(folder: str) -> Dict[str, Any]:
     if cfg.get('format_version', 1) > FORMAT_VERSION:
         raise ValueError(f'{path!r}: format_version {cfg["format_version"]} is newer than this code '
                          f'({FORMAT_VERSION}); upgrade modelscope-utuning')
-    from .migrate import migrate, writer_of_tuner_config
     cfg['tuners'] = migrate(cfg['tuners'], writer_of_tuner_config(cfg, folder), cfg.get('format_version', 1),
                             source=repr(path))
     return cfg
@@ -97,7 +97,6 @@ def read_tuner_files(folder: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, An
     except Exception as e:  # noqa: BLE001
         raise ValueError(f'{path!r} could not be read as safetensors: {e}') from e
     if cfg.get('format_version', 1) < 2:  # version 1 kept network-level tuners (the side network) on the backbone
-        from ..tuners.base import tuner_kinds
         for kind in (k for k, c in tuner_kinds().items() if c.level == 'network'):
             old = f'backbone.{kind}.'
             state = {(kind + '.' + k[len(old):]) if k.startswith(old) else k: v for k, v in state.items()}

@@ -6,6 +6,7 @@ import json
 import sys
 from typing import Any, Dict
 
+from .. import registration  # noqa: F401  (registers the plugin)
 from ..fileio import read_json_object
 
 PROG = 'modelscope-utuning'
@@ -31,7 +32,6 @@ def read_json(path: str) -> Dict:
 def build_trainer(**default_args):
     from modelscope.metainfo import Trainers
     from modelscope.trainers import build_trainer
-    from .. import registration  # noqa: F401  (registers the plugin)
     return build_trainer(name=Trainers.vision_efficient_tuning, default_args=default_args)
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
+from .. import registration  # noqa: F401  (registers the plugin)
 from ..checkpoint.hub_layout import read_configuration
+from ..extras import MissingExtraError
+from ..model import VisionEfficientTuningModel, has_lora, merge_lora
+from ..training.export import export_output
 from .common import CLIError
 from .models import resolve_model
 
@@ -22,8 +26,7 @@ def cmd_export(args) -> int:
     if sum(map(bool, (args.tuner_only, args.merge_lora, args.onnx))) != 1:
         raise CLIError('choose one of --tuner-only, --merge-lora or --onnx')
     if args.onnx:
-        from ..deploy import onnx_export
-        from ..extras import MissingExtraError
+        from ..deploy import onnx_export  # optional: the ONNX export code loads only for --onnx
         try:  # before the model is loaded: a missing package is a setup problem, said in one line
             onnx_export.require_exporter()
             onnx_export.require_runtime()
@@ -40,16 +43,13 @@ def cmd_export(args) -> int:
         raise CLIError('the output folder must differ from the model folder')
     out = _prepare_out_dir(args.out_dir, args.force)
     from modelscope.models import Model
-    from .. import registration  # noqa: F401
     model = Model.from_pretrained(model_spec)
-    from ..model import VisionEfficientTuningModel
     if not isinstance(model, VisionEfficientTuningModel):
         raise CLIError(f'{args.model!r} is not a vision-efficient-tuning model ({type(model).__name__})')
     if args.tuner_only:
         if args.base_weights:  # recorded, so that model_from_tuners(out) finds the frozen backbone
             model.backbone_config = dict(model.backbone_config or {},
                                          pretrained_weights=os.path.abspath(args.base_weights))
-        from ..training.export import export_output
         cfg = read_configuration(model.model_dir)
         export_output(model, cfg, out, tuner_only=True, base_path=bool(args.base_weights))
         n = sum(p.numel() for p in model.model.tuner_state_dict().values())
@@ -60,8 +60,6 @@ def cmd_export(args) -> int:
         return 0
     if args.onnx:
         return _export_onnx(model, out, args.opset, int8=args.int8)
-    from ..model import has_lora, merge_lora
-    from ..training.export import export_output
     if not has_lora(model):
         raise CLIError(f'{args.model!r} has no LoRA tuner to merge')
     merge_lora(model)
@@ -85,6 +83,7 @@ def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> i
     if model.model.head_layers_needed() is not None:  # a segmentation model
         if int8:
             raise CLIError('--int8 is for classification models for now; export the segmentation model in fp32')
+        # optional: the ONNX export code loads only for --onnx
         from ..segmentation.onnx_export import export_segmentation_onnx, max_abs_difference as seg_difference
         result = export_segmentation_onnx(model, out, opset=opset)
         print(f'ONNX export: {result["onnx"]} (dynamic batch axis, logits at the patch grid); configuration.json '
@@ -93,7 +92,7 @@ def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> i
                            limit=1e-4)
         print(f'run it: modelscope_utuning.segmentation.onnx_export.OnnxSegmenter({out!r})(image)')
         return 0
-    from ..deploy.onnx_export import export_onnx, max_abs_difference
+    from ..deploy.onnx_export import export_onnx, max_abs_difference  # optional: loads only for --onnx
     result = export_onnx(model, out, opset=opset)
     print(f'ONNX export: {result["onnx"]} (opset {result["opset"]}, dynamic batch axis); '
           f'configuration.json and the preprocessing beside it')
@@ -104,7 +103,7 @@ def _export_onnx(model, out: str, opset: Optional[int], int8: bool = False) -> i
     _report_difference(max_abs_difference(model, out),
                        'onnxruntime vs torch, max |difference| of scores and logits', limit=1e-4)
     if int8:
-        from ..deploy.onnx_export import quantize_int8
+        from ..deploy.onnx_export import quantize_int8  # optional: loads only for --onnx
         q = quantize_int8(out)
         _report_difference(max_abs_difference(model, out),
                            f'int8: {q["quantized"]} matrix products quantized, kept in fp32: '

@@ -5,6 +5,7 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
+from ..data import load_dataset_any
 from ..location import HUB, ModelLocationError, locate_model_source
 from .common import CLIError, read_json
 
@@ -81,7 +82,6 @@ def resolve_model(spec: str, work_dir: Optional[str] = None, allow_config: bool 
 
 def load_data(path: Optional[str], option: str, classes: Optional[List[str]] = None):
     """Read a dataset source with our readers; CLIError when it does not exist."""
-    from ..data import load_dataset_any
     if not path:
         raise CLIError(f'{option} is required')
     if not os.path.exists(path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import __version__
 from .common import PROG, TOKEN_ENV, Parser
 from .export import cmd_export
 from .predict import cmd_predict
@@ -10,7 +11,6 @@ from .publish import cmd_demo, cmd_presets, cmd_push, cmd_serve
 from .train import cmd_eval, cmd_train
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
     parser = Parser(prog=PROG, description='U-Tuning (arXiv 2303.00690) for ModelScope: parameter-efficient '
                      'tuning of vision transformers.', epilog='See `modelscope-utuning COMMAND --help`.')
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')

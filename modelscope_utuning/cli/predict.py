@@ -6,6 +6,9 @@ import os
 import sys
 from typing import Any, Dict, List, Sequence
 
+from .. import registration  # noqa: F401  (registers the plugin)
+from ..data import IMAGE_EXTENSIONS
+from ..data.readers import walk_images
 from .common import CLIError
 from .models import resolve_model
 
@@ -14,8 +17,6 @@ PREDICT_CHUNK = 64  # images per pipeline call (the pipeline batches inside it)
 
 def expand_inputs(items: Sequence[str]) -> List[str]:
     """Files as given, folders walked (sorted, image extensions only, hidden entries skipped), URLs kept."""
-    from ..data import IMAGE_EXTENSIONS
-    from ..data.readers import walk_images
     out: List[str] = []
     for item in items:
         if item.startswith(('http://', 'https://')):
@@ -71,7 +72,6 @@ def cmd_predict(args) -> int:
     inputs = expand_inputs(args.inputs)
     from modelscope.pipelines import pipeline
     from tqdm import tqdm
-    from .. import registration  # noqa: F401
     kwargs = {'device': args.device} if args.device else {}
     if args.backbone:
         kwargs['backbone'] = os.path.abspath(args.backbone)

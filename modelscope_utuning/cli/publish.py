@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from ..extras import MissingExtraError
 from ..location import HUB_ID
 from .common import TOKEN_ENV, CLIError
 from .models import list_presets, resolve_model
@@ -33,8 +34,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ..deploy import app as web
-    from ..extras import MissingExtraError
+    from ..deploy import app as web  # optional: the Gradio app ([gradio] extra) loads only for serve
     if not 0 < args.port < 65536:
         raise CLIError(f'--port {args.port}: expected 1 to 65535')
     if args.topk < 1:
@@ -51,11 +51,11 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..demo import run_demo
+    from ..demo import run_demo  # keeps the CLI light: the demo (an entry point of its own) loads only for demo
     if args.threads is not None and args.threads < 0:
         raise CLIError(f'--threads {args.threads}: expected 0 (torch default) or more')
     if args.segmentation:
-        from ..demo_segmentation import run_segmentation_demo
+        from ..demo_segmentation import run_segmentation_demo  # keeps the CLI light (see run_demo above)
         result = run_segmentation_demo(args.work_dir, quick=args.quick, show_logs=args.show_logs,
                                        threads=1 if args.threads is None else args.threads)
         if args.json:

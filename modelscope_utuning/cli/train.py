@@ -11,6 +11,8 @@ import tempfile
 from typing import Any, List, Optional, Tuple
 
 from ..training import policy
+from ..training.checkpointing import epoch_files
+from ..training.workdir import WorkDirBusyError, WorkDirLock
 from .common import CLIError, build_trainer, print_metrics, read_json
 from .models import load_data, locate_model, resolve_model
 from .overrides import apply_overrides, parse_overrides
@@ -47,7 +49,6 @@ def cmd_train(args) -> int:
     work_dir = os.path.abspath(args.work_dir or _default_work_dir(args.model))
     if os.path.exists(work_dir) and not os.path.isdir(work_dir):
         raise CLIError(f'--work-dir {args.work_dir!r} is a file; expected a folder (it is created if missing)')
-    from ..training.workdir import WorkDirBusyError, WorkDirLock
     lock = WorkDirLock(work_dir)  # held for the whole command: a refused run writes nothing into the work_dir
     try:
         lock.acquire()
@@ -66,7 +67,6 @@ def resume_point(work_dir: str, resume: bool) -> Optional[str]:
     CLIError when the work_dir holds epoch files: re-running a command does not silently start the run again over
     its checkpoints."""
     if not resume:
-        from ..training.checkpointing import epoch_files
         files = epoch_files(work_dir)
         if files:
             names = [os.path.basename(files[n][0]) for n in sorted(files)]

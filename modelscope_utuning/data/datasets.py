@@ -316,6 +316,7 @@ class ImageRowsDataset(Dataset):
         reader (:func:`modelscope_utuning.preprocessing.image_io.load_image`), so the rows kept are exactly
         the rows ``pipeline()`` can answer for, and a metric over them is the metric of ``pipeline()`` over them.
         """
+        # keeps data light: the preprocessing package loads and registers the pipeline's preprocessor
         from ..preprocessing.image_io import load_image as pipeline_reader
 
         def check(index: int) -> Optional[str]:

@@ -16,7 +16,11 @@ import html
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .. import __version__
+from ..checkpoint.hub_layout import read_configuration
 from ..extras import require
+from ..preprocessing.image_io import load_image
+from ..registration import SEG_TASK, SEG_TYPE
 
 EXTRA = 'gradio'
 DEFAULT_TOPK = 5
@@ -64,8 +68,6 @@ def scores_table(labels, scores) -> str:
 
 def is_segmentation_folder(model_dir: str) -> bool:
     """Whether ``model_dir`` (a local folder) holds a segmentation model (its configuration's task)."""
-    from ..checkpoint.hub_layout import read_configuration
-    from ..registration import SEG_TASK, SEG_TYPE
     cfg = read_configuration(model_dir, required=False)
     return cfg.get('task') == SEG_TASK or (cfg.get('model') or {}).get('type') == SEG_TYPE
 
@@ -83,7 +85,6 @@ def overlay(image, masks, num_classes: int, alpha: float = 0.5):
     """The image (``PIL.Image`` or path) with each pixel tinted by its class's colour -> ``PIL.Image`` RGB."""
     import numpy as np
     from PIL import Image
-    from ..preprocessing.image_io import load_image
     rgb = np.asarray(load_image(image), dtype=np.float32)
     colours = palette(max(num_classes, int(masks.max()) + 1)).astype(np.float32)
     blended = (1 - alpha) * rgb + alpha * colours[masks]
@@ -108,7 +109,6 @@ def make_segmenter(model_dir: str, device: Optional[str] = None):
     table of the classes present), both from ``pipeline('semantic-segmentation', model_dir)``."""
     import modelscope_utuning  # noqa: F401
     from modelscope.pipelines import pipeline
-    from ..registration import SEG_TASK
     segmenter = pipeline(SEG_TASK, model_dir, **({'device': device} if device else {}))
 
     def segment(image):
@@ -194,7 +194,6 @@ def app_source() -> str:
 
 def app_requirements() -> str:
     """The ``requirements.txt`` beside it: what a ModelScope Studio installs before running ``app.py``."""
-    from .. import __version__
     return f'# installed by ModelScope Studio before it runs app.py\nmodelscope-utuning[gradio]>={__version__}\n'
 
 

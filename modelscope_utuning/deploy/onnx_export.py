@@ -38,11 +38,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .. import __version__
 from ..extras import require
 from ..fileio import read_json_object, write_text_atomic
 from ..checkpoint.hub_layout import CONFIGURATION_FILE, read_configuration
 from ..network import VisionEfficientTuning, as_network
-from ..preprocessing.preprocessor import OUR_TYPE
+from ..preprocessing.description import describe, describe_steps
+from ..preprocessing.preprocessor import OUR_TYPE, VisionEfficientTuningPreprocessor
 
 ONNX_FILE = 'model.onnx'
 PREPROCESSING_FILE = 'preprocessing.json'
@@ -105,7 +107,6 @@ def _configuration(model, cfg: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
-    from ..preprocessing.preprocessor import VisionEfficientTuningPreprocessor
     from modelscope.utils.constant import ModeKeys
     return VisionEfficientTuningPreprocessor.from_model_dir(cfg=cfg, mode=ModeKeys.INFERENCE, img_size=list(img_size))
 
@@ -113,7 +114,6 @@ def _inference_preprocessor(cfg: Dict[str, Any], img_size: Tuple[int, int]):
 def describe_preprocessing(preprocessor) -> List[Dict[str, Any]]:
     """The eval transform as plain steps (the ``steps`` of preprocessing.json; see
     :mod:`..preprocessing.description`), for our preprocessor and ModelScope's transform lists alike."""
-    from ..preprocessing.description import describe_steps
     return describe_steps(preprocessor.eval_transform)
 
 
@@ -127,7 +127,6 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
     img_size = tuple(net0.backbone.patch_embed.img_size)
     full = _configuration(model, cfg)
     pre = _inference_preprocessor(full, img_size)  # the pipeline's own preprocessor for this configuration
-    from ..preprocessing.description import describe
     classes = list(net0.CLASSES) if net0.CLASSES is not None else None
     preprocessing = describe(pre, img_size, classes, INPUT_NAME)  # before exporting: a refusal costs nothing
     if merge:
@@ -147,7 +146,6 @@ def export_onnx(model, out_dir: str, cfg: Optional[Dict[str, Any]] = None, opset
                  'outputs': [{'name': n, 'shape': [BATCH_AXIS, net.head.num_classes]} for n in OUTPUT_NAMES],
                  'opset': opset_used, 'merged_tuners': merged, 'notes': notes,
                  'preprocessing': PREPROCESSING_FILE}
-    from .. import __version__
     out_cfg = {'framework': 'onnx', 'task': 'vision-efficient-tuning', 'pipeline': {'type': 'vision-efficient-tuning'},
                'model': {'type': ONNX_MODEL_TYPE, 'CLASSES': classes,
                          'num_classes': net.head.num_classes, 'img_size': list(img_size)},

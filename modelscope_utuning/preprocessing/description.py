@@ -55,6 +55,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import PIL
 from PIL import Image
 
+from .. import __version__
 from . import image_io
 from .transform_lists import _Filter, _Identity, _ItemOp, _LoadImage, _Rename, _TensorOrImage, _ToTensorKeys
 from .transforms import (INTERPOLATIONS, MAX_RESIZED_PIXELS, CenterCrop, Compose, Normalize, Resize,
@@ -150,7 +151,6 @@ def describe(preprocessor, input_shape: Sequence[int], classes: Optional[Sequenc
              input_name: str = 'imgs') -> Dict[str, Any]:
     """The whole preprocessing.json for ``preprocessor`` (the pipeline's eval preprocessor) feeding an input of
     ``input_shape`` (H, W). ValueError when a step cannot be described or the steps end at another size."""
-    from .. import __version__
     steps = describe_steps(preprocessor.eval_transform)
     out_hw = _output_size(steps)
     h, w = int(input_shape[0]), int(input_shape[1])

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from modelscope.utils.constant import ModeKeys
 
+from .. import __version__
 from ..deploy.onnx_export import (BATCH_AXIS, CONFIG_FILE, INPUT_NAME, ONNX_FILE, PREPROCESSING_FILE, cpu_session,
                                   export_graph, merged_copy, require_exporter, require_runtime)
 from ..checkpoint.hub_layout import read_configuration
@@ -46,7 +47,6 @@ class ExportedSegmenter(nn.Module):
 
 def preprocessing_description(pre: SegmentationPreprocessor, classes) -> Dict[str, Any]:
     """preprocessing.json of a segmentation export (the classifier's schema; its own steps and a postprocess)."""
-    from .. import __version__
     s = pre.img_size
     return {'schema': SCHEMA, 'schema_version': SCHEMA_VERSION,
             'written_by': {'package': 'modelscope-utuning', 'version': __version__, 'pillow': PIL.__version__},
@@ -80,7 +80,6 @@ def export_segmentation_onnx(model, out_dir: str, opset: Optional[int] = None, e
     export_graph(ExportedSegmenter(net).eval(), example, path, [OUTPUT], opset)
     grid = net.backbone.patch_embed.grid_size
     section = dict(full.get('preprocessor') or {}, img_size=s, type='vision-efficient-tuning-segmentation-preprocessor')
-    from .. import __version__
     out_cfg = {'framework': 'onnx', 'task': SEG_TASK,
                'model': {'type': ONNX_SEG_TYPE, 'CLASSES': classes, 'num_classes': net.head.num_classes,
                          'img_size': [s, s]},

@@ -28,6 +28,8 @@ import torch
 from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
 from modelscope.utils.checkpoint import weights_to_cpu
 
+from ..checkpoint.migrate import writer_marker
+from ..compat import quiet_upload_queue
 from ..fileio import atomic_write, fault_point
 
 HOOK_OUTPUT = '.hook_output'
@@ -74,7 +76,6 @@ class CheckpointWriter(CheckpointProcessor):
         fault_point('between_state_and_model')  # the trainer state of epoch N is there, its model file not yet
 
     def save_model_state(self, model, model_file):
-        from ..checkpoint.migrate import writer_marker
         _save({'state_dict': weights_to_cpu(model.state_dict()),
                'CLASSES': list(model.CLASSES) if getattr(model, 'CLASSES', None) is not None else None,
                'model_cfg': self.model_cfg, 'utuning': writer_marker()}, model_file)
@@ -84,7 +85,6 @@ def install(trainer, model_cfg: Dict[str, Any]) -> None:
     """Give every checkpoint hook of ``trainer`` our processor and a private folder for its own files (and, where
     it uploads nothing, no upload queue: compat.py, 6.)."""
     from modelscope.trainers.hooks import CheckpointHook
-    from ..compat import quiet_upload_queue
     for hook in trainer.hooks:
         if isinstance(hook, CheckpointHook):
             hook.set_processor(CheckpointWriter(model_cfg))

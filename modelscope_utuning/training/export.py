@@ -26,7 +26,10 @@ import shutil
 import tempfile
 from typing import Any, Dict, Optional
 
+from .. import __version__
 from ..fileio import fault_point, write_text_atomic
+from ..registration import SEG_TASK, SEG_TYPE, model_type_for
+from ..tuners.base import legacy_keys
 from .curve import read_log, write_training_curve
 
 PLUGIN_PACKAGE = 'modelscope-utuning'
@@ -53,10 +56,8 @@ def output_configuration(cfg: Dict, num_classes: int, backbone: Optional[Dict] =
     model.setdefault('head', {})['num_classes'] = num_classes
     # ModelScope's own `plugins` field makes every loader pip-wheel the package from PyPI (it fails offline and
     # for unpublished versions), so the requirement is declared in a field of ours instead.
-    from .. import __version__
     cfg['utuning'] = {'package': PLUGIN_PACKAGE, 'import': 'modelscope_utuning', 'version': __version__,
                       'requires': f'pip install {PLUGIN_PACKAGE}; import modelscope_utuning before loading'}
-    from ..registration import SEG_TASK, SEG_TYPE, model_type_for
     if cfg.get('task') == SEG_TASK or model.get('type') == SEG_TYPE:  # a segmentation model stays one
         cfg['task'], model['type'], cfg['pipeline'] = SEG_TASK, SEG_TYPE, {'type': SEG_TYPE}
         return scrub_machine_paths(cfg)
@@ -86,8 +87,6 @@ def model_card(model, cfg: Dict, eval_results: Dict, trainable: int, total: int,
                curve_backend: Optional[str] = None, data: Optional[Dict[str, str]] = None) -> str:
     """The README.md of the output folder; ``curve_backend``: how training_curve.png was drawn (None: not at all);
     ``data``: descriptions of the training and evaluation data."""
-    from .. import __version__
-    from ..tuners.base import legacy_keys
     tuners = cfg.get('model', {}).get('backbone', {}).get('tuners') or []
     legacy = {k: v for k, v in cfg.get('model', {}).get('backbone', {}).items() if k in legacy_keys()}
     data = data or {}
@@ -193,7 +192,7 @@ def _replace_dir(new: str, target: str) -> None:
 
 def write_app(output_dir: str) -> None:
     """``app.py`` (launches the Gradio demo on this folder) and its ``requirements.txt``."""
-    from ..deploy.app import app_requirements, app_source
+    from ..deploy.app import app_requirements, app_source  # keeps the CLI light: deploy.app loads preprocessing
     write_text_atomic(os.path.join(output_dir, APP_FILE), app_source())
     write_text_atomic(os.path.join(output_dir, REQUIREMENTS_FILE), app_requirements())
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 from ..data.datasets import ImageRowsDataset
+from ..data.readers import labels_by_classes
 
 
 def reference_classes(model, train: Optional[ImageRowsDataset]) -> Optional[List[str]]:
@@ -55,7 +56,6 @@ def map_onto(ds: ImageRowsDataset, classes: Optional[Sequence[str]], num_classes
     if classes is not None and ds.classes is None and ds.label_tokens is not None:
         # Text labels read as indices by the source's reader ("3") may be class *names*: decided here, against
         # the model's classes, by the same rule every reader uses when it is given the classes.
-        from ..data.readers import labels_by_classes
         where = [(f'{ds.source}: row {i} ({ds.describe(i)})', token) for i, token in enumerate(ds.label_tokens)]
         labels = labels_by_classes(where, classes, ds.source)
         if labels != list(ds.labels):

@@ -45,6 +45,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, List, Optional
 
+from ..checkpoint import tuner_only
+from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
+from ..compat import own_default_hooks
+from ..fileio import read_json_object
+from .checkpointing import epoch_files, readable
+from .defaults import apply_defaults
+from .validate import validate_config
+
 HEAD_SIZE_KEY = 'model.head.num_classes'
 FINETUNE_KEY = 'model.finetune'
 T_MAX_KEY = 'train.lr_scheduler.T_max'
@@ -54,8 +62,6 @@ T_MAX_KEY = 'train.lr_scheduler.T_max'
 def resolve_config(cfg, cfg_modify_fn: Optional[Callable[[Any], Any]] = None):
     """``cfg`` as a run trains with it (rule 1): ModelScope's default hooks made its own, our defaults filled,
     then ``cfg_modify_fn`` (the trainer passes ModelScope's ``rebuild_config``, which calls the user's)."""
-    from ..compat import own_default_hooks
-    from .defaults import apply_defaults
     own_default_hooks(cfg)
     cfg = apply_defaults(cfg)
     if cfg_modify_fn is not None:
@@ -68,7 +74,6 @@ def check_configuration(model_dir: str, cfg_modify_fn: Optional[Callable[[Any], 
     checked as the trainer checks it (:func:`.validate.validate_config`: ValueError naming every bad key), without
     building a model or reading data."""
     from modelscope.utils.config import Config
-    from .validate import validate_config
     cfg = resolve_config(Config.from_file(os.path.join(model_dir, 'configuration.json')), cfg_modify_fn)
     validate_config(cfg)
     return cfg
@@ -77,7 +82,6 @@ def check_configuration(model_dir: str, cfg_modify_fn: Optional[Callable[[Any], 
 # -- 2, 3. the head ------------------------------------------------------------------------------------------------
 def has_trained_weights(model: str) -> bool:
     """Whether ``model`` is a local folder holding trained weights (the hub-layout checkpoint)."""
-    from ..checkpoint.hub_layout import CHECKPOINT_FILE
     return os.path.isdir(model) and os.path.isfile(os.path.join(model, CHECKPOINT_FILE))
 
 
@@ -141,10 +145,8 @@ def model_classes(model_dir: str, read_config: Optional[Callable[[str], dict]] =
     """The class names a local model folder was trained with (rule 6): its tuner-only configuration, else its
     checkpoint, else configuration.json (read with ``read_config``, by default
     :func:`..fileio.read_json_object`: ValueError for a file that is no JSON object); None when none names them."""
-    from ..checkpoint import tuner_only
-    from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
     if read_config is None:
-        from ..fileio import read_json_object as read_config
+        read_config = read_json_object
     classes = None
     if os.path.isfile(os.path.join(model_dir, tuner_only.CONFIG_FILE)):
         try:
@@ -175,7 +177,6 @@ class ResumePlan:
 def resume_plan(work_dir: str) -> ResumePlan:
     """Rule 7 for ``work_dir``: each epoch's model file and trainer state are loaded, newest first, until both
     load."""
-    from .checkpointing import epoch_files, readable
     found = epoch_files(work_dir)
     plan = ResumePlan(files=[os.path.basename(found[n][0]) for n in sorted(found)])
     for n in sorted(found, reverse=True):

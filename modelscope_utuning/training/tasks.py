@@ -69,7 +69,7 @@ class BypassTasks:
     """The joint run of :func:`train_bypass_tasks` (see the module docstring)."""
 
     def __init__(self, trainers: Mapping[str, object]):
-        from .trainer import VisionEfficientTuningTrainer
+        from .trainer import VisionEfficientTuningTrainer  # keeps this module light: the trainer stack
         if not trainers:
             raise ValueError('train_bypass_tasks: no task given; expected {name: trainer, ...}')
         self.names = list(trainers)

@@ -29,11 +29,13 @@ from modelscope.utils.constant import ModeKeys, ModelFile, TrainerStages
 from modelscope.utils.logger import get_logger
 from modelscope.utils.torch_utils import is_master
 
+from ..data import load_dataset_any
 from ..data.datasets import ON_ERROR_CHOICES
 from ..compat import from_pretrained_trust_kwargs, trainer_trust_remote_code, warmup_options
 from ..extras import require
 from ..location import locate_model_source
 from ..model import VisionEfficientTuningModel
+from ..preprocessing.preprocessor import VisionEfficientTuningPreprocessor
 from ..registration import register_class
 from .defaults import DEFAULT_HEAD_LR
 from . import checkpointing
@@ -47,7 +49,7 @@ from .metrics import TOPK_METRIC
 from .optim import param_groups
 from .policy import resolve_config
 from .precision import autocast, resolve_precision
-from .swift_tuners import exportable
+from .swift_tuners import apply_swift_tuners, exportable, require_swift
 from .validate import validate_config
 from .schedule import install_probe_first
 from .warmup import StepWarmup, warmup_iters
@@ -90,7 +92,6 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
 
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
         if kwargs.get('efficient_tuners') is not None:  # before anything is built: say what to install
-            from .swift_tuners import require_swift
             require_swift()
         if on_bad_image is not None and on_bad_image not in ON_ERROR_CHOICES:
             raise ValueError(f'on_bad_image={on_bad_image!r}: expected one of {ON_ERROR_CHOICES}')
@@ -157,7 +158,6 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         self.swift_model = None
         if efficient_tuners is None:
             return
-        from .swift_tuners import apply_swift_tuners
         self.model, self.swift_model = apply_swift_tuners(self.model, efficient_tuners)
 
     def get_or_download_model_dir(self, model, model_revision=None, third_party=None):
@@ -183,7 +183,6 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     def get_preprocessors(self, preprocessor):
         if preprocessor is not None:
             return super().get_preprocessors(preprocessor)
-        from ..preprocessing.preprocessor import VisionEfficientTuningPreprocessor
         train = VisionEfficientTuningPreprocessor.from_model_dir(self.model_dir, cfg=self.cfg, mode=ModeKeys.TRAIN)
         val = VisionEfficientTuningPreprocessor.from_model_dir(self.model_dir, cfg=self.cfg, mode=ModeKeys.EVAL)
         train.mode, val.mode = ModeKeys.TRAIN, ModeKeys.EVAL
@@ -203,7 +202,6 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     def build_dataset(self, datasets, model_cfg, mode, preprocessor: Optional[Preprocessor] = None, **kwargs):
         if datasets is None:
             return super().build_dataset(datasets, model_cfg, mode, preprocessor=preprocessor, **kwargs)
-        from ..data import load_dataset_any
         role = 'training' if mode == ModeKeys.TRAIN else 'evaluation'
         on_error = self.on_bad_image(model_cfg)
         # A copy with our transform and policy: the caller's dataset object is never changed (one object given as

@@ -19,6 +19,7 @@ import numbers
 import inspect
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
+from ..model import VisionEfficientTuningModel
 from .feature_cache import read_settings as read_feature_cache
 from .precision import PRECISIONS
 from .schedule import probe_epochs
@@ -305,7 +306,6 @@ def _dataloader_keys() -> set:
 
 
 def _model_keys() -> set:
-    from ..model import VisionEfficientTuningModel
     return _parameters(VisionEfficientTuningModel.__init__)[0] | set(MODEL_EXTRA_KEYS)
 
 

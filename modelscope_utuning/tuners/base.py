@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch.nn as nn
 
-from ..backbone.hooks import TunerHooks
+from ..backbone.hooks import OPS, TunerHooks
 
 LEVELS = ('block', 'network')
 
@@ -172,7 +172,7 @@ def register_tuner(cls: Type[Tuner]) -> Type[Tuner]:
 
 def tuner_kinds() -> Dict[str, Type[Tuner]]:
     """Kind name -> class, for every registered kind."""
-    from . import _discover
+    from . import _discover  # cycle: the tuners package imports this module before it defines _discover
     _discover()
     return dict(_REGISTRY)
 
@@ -188,7 +188,6 @@ def slot_name(kind_cls: Type[Tuner], op: Optional[str]) -> str:
 
 def slot_names() -> List[str]:
     """Every child name a registered tuner may have (to recognise tuner weights in a foreign file)."""
-    from ..backbone.hooks import OPS
     names = []
     for cls in tuner_kinds().values():
         names += [slot_name(cls, op) for op in (cls.ops or OPS)] if cls.level == 'block' else [slot_name(cls, None)]

@@ -47,7 +47,6 @@ class BitFit(Tuner):
 def _biases(backbone: nn.Module, sizes) -> Dict[str, nn.Parameter]:
     """Bias parameters of the frozen backbone (not of its tuners) in the selected blocks, plus those outside the
     blocks when every block is selected; names relative to the backbone."""
-    from .base import Tuner
     selected = {i for i, s in enumerate(sizes) if s}
     out = {}
 
