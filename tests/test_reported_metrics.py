@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 
 import modelscope_utuning  # noqa: F401
-from modelscope.metainfo import Trainers
 from modelscope.msdatasets import MsDataset
 from modelscope.pipelines import pipeline
-from modelscope.trainers import build_trainer
 from modelscope_utuning.data import load_dataset_any
 from modelscope_utuning.training.defaults import model_configuration
+
+from colour_runs import train as colour_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ['1', '2', '3', '4']  # names that read as integers, none its own index
@@ -86,19 +86,14 @@ def source(kind, rows, root):
 
 
 def trainer_for(model, work_dir, train_data, eval_data, epochs=1, lr=1e-2, **kw):
-    def cfg_modify_fn(cfg):
-        cfg.train.max_epochs = epochs
-        cfg.train.lr_scheduler.T_max = epochs
+    """The shared colour run (``colour_runs.train``) with unreadable rows skipped, the head at the tuners' lr and
+    several evaluation batches per rank."""
+    def settings(cfg):
         cfg.train.optimizer.lr = lr
         cfg.train.optimizer.head_lr = lr
-        cfg.train.amp = 'fp32'
         cfg.train.on_bad_image = 'skip'
-        cfg.train.dataloader.batch_size_per_gpu = 8
         cfg.evaluation.dataloader.batch_size_per_gpu = 2  # several batches per rank
-        return cfg
-    return build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
-        model=model, work_dir=str(work_dir), train_dataset=train_data, eval_dataset=eval_data,
-        cfg_modify_fn=cfg_modify_fn, seed=0, **kw))
+    return colour_train(model, work_dir, train_data, eval_data, epochs=epochs, extra=settings, **kw)
 
 
 @pytest.fixture(scope='module')
