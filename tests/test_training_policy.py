@@ -20,7 +20,7 @@ from PIL import Image
 import modelscope_utuning  # noqa: F401  (registers the plugin)
 from modelscope.utils.config import Config
 from modelscope_utuning.model import VisionEfficientTuningModel
-from modelscope_utuning.training import policy
+from modelscope_utuning.training import checkpointing, policy
 from modelscope_utuning.training.defaults import DEFAULTS, model_configuration
 from modelscope_utuning.training.export import export_output
 
@@ -223,7 +223,7 @@ def test_model_classes_from_the_checkpoint_then_the_configuration(trained_dir, t
 def test_resume_plan_takes_the_newest_readable_epoch(tmp_path):
     from modelscope_utuning.training.checkpointing import latest_checkpoint
     work = str(tmp_path)
-    assert policy.resume_plan(work) == policy.ResumePlan()
+    assert checkpointing.resume_plan(work) == checkpointing.ResumePlan()
 
     def epoch(n, model=True, state=True):
         if model:
@@ -236,7 +236,7 @@ def test_resume_plan_takes_the_newest_readable_epoch(tmp_path):
     epoch(4)
     with open(os.path.join(work, 'epoch_4.pth'), 'wb') as f:
         f.write(b'PK\x03\x04 half-written')
-    plan = policy.resume_plan(work)
+    plan = checkpointing.resume_plan(work)
     assert plan.files == ['epoch_1.pth', 'epoch_2.pth', 'epoch_3.pth', 'epoch_4.pth']
     assert plan.checkpoint == os.path.join(work, 'epoch_2.pth') and plan.epoch == 2
     assert plan.skipped == ['epoch_4.pth cannot be read (half-written or damaged)',
@@ -245,7 +245,7 @@ def test_resume_plan_takes_the_newest_readable_epoch(tmp_path):
 
     for n in (1, 2):
         os.remove(os.path.join(work, f'epoch_{n}_trainer_state.pth'))
-    plan = policy.resume_plan(work)
+    plan = checkpointing.resume_plan(work)
     assert plan.checkpoint is None and plan.epoch is None and len(plan.skipped) == 4
     assert latest_checkpoint(work) is None
 

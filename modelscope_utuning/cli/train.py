@@ -11,7 +11,7 @@ import tempfile
 from typing import Any, List, Optional, Tuple
 
 from ..training import policy
-from ..training.checkpointing import epoch_files
+from ..training.checkpointing import epoch_files, resume_plan
 from ..training.workdir import WorkDirBusyError, WorkDirLock
 from .common import CLIError, build_trainer, print_metrics, read_json
 from .models import load_data, locate_model, resolve_model
@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
 
 def resume_point(work_dir: str, resume: bool) -> Optional[str]:
     """The epoch file ``train`` continues from: with ``resume``, the newest whose model file and trainer state both
-    load (:func:`..training.policy.resume_plan`; an unreadable newest one, e.g. half-written by a kill, falls back to
+    load (:func:`..training.checkpointing.resume_plan`; an unreadable newest one, e.g. half-written by a kill, falls back to
     the one before, said on stderr), or None to start at epoch 1 when there is none (said too). Without ``resume``,
     CLIError when the work_dir holds epoch files: re-running a command does not silently start the run again over
     its checkpoints."""
@@ -74,7 +74,7 @@ def resume_point(work_dir: str, resume: bool) -> Optional[str]:
                            'pass --resume to continue it from its newest readable epoch, or use another --work-dir '
                            '(or delete them to start over)')
         return None
-    plan = policy.resume_plan(work_dir)
+    plan = resume_plan(work_dir)
     if not plan.files:
         print(f'--resume: nothing to resume in {work_dir} (no epoch_N.pth yet): starting at epoch 1', file=sys.stderr)
         return None

@@ -22,7 +22,8 @@ import glob
 import io
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from modelscope.trainers.hooks.checkpoint.checkpoint_processor import CheckpointProcessor
@@ -124,13 +125,40 @@ def readable(path: str) -> bool:
         return False
 
 
+@dataclass
+class ResumePlan:
+    """Where a resumed run starts. ``files``: the epoch files' names, oldest first; ``checkpoint``: the model file to
+    continue from (None: epoch 1) and ``epoch`` its number; ``skipped``: why each newer file was passed over, newest
+    first."""
+    files: List[str] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    epoch: Optional[int] = None
+    skipped: List[str] = field(default_factory=list)
+
+
+def resume_plan(work_dir: str) -> ResumePlan:
+    """Each epoch's model file and trainer state are loaded, newest first, until both load: the newest one a
+    resume after a crash or a kill should start from, with the reason each newer one was skipped."""
+    found = epoch_files(work_dir)
+    plan = ResumePlan(files=[os.path.basename(found[n][0]) for n in sorted(found)])
+    for n in sorted(found, reverse=True):
+        model_file, state_file = found[n]
+        if not os.path.isfile(state_file):
+            plan.skipped.append(f'{os.path.basename(state_file)} is missing')
+        elif not readable(model_file):
+            plan.skipped.append(f'{os.path.basename(model_file)} cannot be read (half-written or damaged)')
+        elif not readable(state_file):
+            plan.skipped.append(f'{os.path.basename(state_file)} cannot be read (half-written or damaged)')
+        else:
+            plan.checkpoint, plan.epoch = model_file, n
+            break
+    return plan
+
+
 def latest_checkpoint(work_dir: str) -> Optional[str]:
-    """The newest ``epoch_N.pth`` of ``work_dir`` whose model file and trainer state both load (what a resume
-    after a crash or a kill should start from), or None."""
-    for n, (model_file, state_file) in sorted(epoch_files(work_dir).items(), reverse=True):
-        if os.path.isfile(state_file) and readable(model_file) and readable(state_file):
-            return model_file
-    return None
+    """The newest ``epoch_N.pth`` of ``work_dir`` whose model file and trainer state both load (:func:`resume_plan`),
+    or None."""
+    return resume_plan(work_dir).checkpoint
 
 
 def check_resume_file(path: str) -> None:

@@ -34,22 +34,21 @@ module, so that the command line only parses arguments, locates files and prints
    ``CLASSES``, else the checkpoint's, else configuration.json's ``model.CLASSES``. The trainer maps every
    dataset onto the same class list (:mod:`.labels`); reading the data against it names a class the model does
    not know before anything is built.
-7. **A run resumes from its newest readable epoch** (:func:`resume_plan`): the newest ``epoch_N.pth`` whose model
-   file and trainer state both load; a newer one that does not (half-written by a kill, its state missing) is
-   skipped with the reason, and none at all means starting at epoch 1. The same rule as
-   :func:`.checkpointing.latest_checkpoint`, with the reasons kept for the caller to report.
+7. **A run resumes from its newest readable epoch** (:func:`.checkpointing.resume_plan`, which
+   ``checkpointing.latest_checkpoint`` and the command line's ``--resume`` both call):
+   the newest ``epoch_N.pth`` whose model file and trainer state both load; a newer one that does not (half-written
+   by a kill, its state missing) is skipped with the reason, and none at all means starting at epoch 1.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Collection, List, Optional
 
 from ..checkpoint import tuner_only
 from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
 from ..compat import own_default_hooks
 from ..fileio import read_json_object
-from .checkpointing import epoch_files, readable
 from .defaults import apply_defaults
 from .validate import validate_config
 
@@ -160,34 +159,3 @@ def model_classes(model_dir: str, read_config: Optional[Callable[[str], dict]] =
     if not classes and os.path.isfile(cfg):
         classes = (read_config(cfg).get('model') or {}).get('CLASSES')
     return [str(c) for c in classes] if classes else None
-
-
-# -- 7. resuming ---------------------------------------------------------------------------------------------------
-@dataclass
-class ResumePlan:
-    """Where a resumed run starts (rule 7). ``files``: the epoch files' names, oldest first; ``checkpoint``: the
-    model file to continue from (None: epoch 1) and ``epoch`` its number; ``skipped``: why each newer file was
-    passed over, newest first."""
-    files: List[str] = field(default_factory=list)
-    checkpoint: Optional[str] = None
-    epoch: Optional[int] = None
-    skipped: List[str] = field(default_factory=list)
-
-
-def resume_plan(work_dir: str) -> ResumePlan:
-    """Rule 7 for ``work_dir``: each epoch's model file and trainer state are loaded, newest first, until both
-    load."""
-    found = epoch_files(work_dir)
-    plan = ResumePlan(files=[os.path.basename(found[n][0]) for n in sorted(found)])
-    for n in sorted(found, reverse=True):
-        model_file, state_file = found[n]
-        if not os.path.isfile(state_file):
-            plan.skipped.append(f'{os.path.basename(state_file)} is missing')
-        elif not readable(model_file):
-            plan.skipped.append(f'{os.path.basename(model_file)} cannot be read (half-written or damaged)')
-        elif not readable(state_file):
-            plan.skipped.append(f'{os.path.basename(state_file)} cannot be read (half-written or damaged)')
-        else:
-            plan.checkpoint, plan.epoch = model_file, n
-            break
-    return plan
