@@ -51,7 +51,7 @@ class Prefix(ParallelTuner):
     @classmethod
     def num_trainable(cls, spec, size: int, dims: Dims) -> int:
         C = dims.embed_dim
-        return 2 * size * C + (Scale.num_params(spec.scale, C) if spec.form == 'parallel' else 0)
+        return 2 * size * C + Scale.num_params(spec.scale, C)  # 'none' (0) in the sequential form
 
     @classmethod
     def legacy_entry(cls, backbone_cfg: Dict[str, Any]) -> Optional[Dict[str, Any]]:
