@@ -207,6 +207,14 @@ def base_configuration(weights: str, img_size: int) -> Dict[str, Any]:
                       'train': {'scale': [0.75, 1.0], 'ratio': [0.9, 1.1], 'hflip': 0.5}})
 
 
+def write_model_dir(model_dir: str, weights: str, img_size: int) -> str:
+    """A new model directory holding only :func:`base_configuration`'s configuration.json; returns it."""
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
+        json.dump(base_configuration(weights, img_size), f, indent=2)
+    return model_dir
+
+
 def make_cfg_modify_fn(method: str, lr: float, s: argparse.Namespace) -> Callable:
     edit = METHODS[method][1]
 
@@ -264,9 +272,7 @@ def run_one(method: str, lr: float, seed: int, s: argparse.Namespace, train_dir:
 
     tag = f'{method}_lr{lr:g}_s{seed}'
     model_dir, work_dir = os.path.join(scratch, tag + '_model'), os.path.join(scratch, tag + '_work')
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
-        json.dump(base_configuration(s.weights, s.img_size), f, indent=2)
+    write_model_dir(model_dir, s.weights, s.img_size)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     curve = CurveHook(train_dir, test_dir, s.curves) if s.curves else None
@@ -379,6 +385,28 @@ def lscpu() -> Dict[str, str]:
     flags = info.get('Flags', '').split()
     keep = [f for f in flags if f.startswith(('avx', 'amx')) or f in ('fma', 'f16c')]
     return {'model_name': info.get('Model name', '').strip(), 'flags': ' '.join(keep)}
+
+
+def cpu_record() -> Dict[str, str]:
+    """The CPU as the jsonl benchmarks record it beside every row: ``{'model', 'flags'}`` (lscpu)."""
+    cpu = lscpu()
+    return {'model': cpu.get('model_name') or platform.processor(), 'flags': cpu.get('flags', '')}
+
+
+def read_rows(path: str) -> List[Dict[str, Any]]:
+    """The rows of a jsonl results file (none when it does not exist yet)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_rows(path: str, rows: List[Dict[str, Any]]) -> None:
+    """Append ``rows`` to a jsonl results file, creating its folder; each row is one line."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path, 'a') as f:
+        for r in rows:
+            f.write(json.dumps(r) + '\n')
 
 
 def machine_info(threads: int) -> Dict[str, Any]:

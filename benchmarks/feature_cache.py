@@ -29,7 +29,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # accuracy.py: data, configuration, lscpu, README tables
-from accuracy import TRI, VERTICAL  # noqa: E402  (the tri-tuner and the vertical tuner of the accuracy table)
+from accuracy import (  # noqa: E402  (data, configuration, results files, lscpu, README tables)
+    CLASS_NAMES, TRI, VERTICAL, append_rows, commands_line, cpu_record, few_shot_arguments,
+    load_fashion_mnist, read_rows, sample_per_class, update_readme, write_model_dir, write_split)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'feature_cache.jsonl')
 TABLE_START, TABLE_END = '<!-- feature-cache-table:start -->', '<!-- feature-cache-table:end -->'
@@ -54,13 +56,10 @@ def run(args, data: str, setting: str, cached: bool, root: str) -> dict:
     import modelscope_utuning  # noqa: F401  (registers the plugin)
     from modelscope.metainfo import Trainers
     from modelscope.trainers import build_trainer
-    from accuracy import CLASS_NAMES, base_configuration
     train_spec, views = SETTINGS[setting]
     tag = f'{setting.replace(" ", "")}_{"cached" if cached else "plain"}'
     model_dir, work_dir = os.path.join(root, tag + '_model'), os.path.join(root, tag + '_work')
-    os.makedirs(model_dir)
-    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
-        json.dump(base_configuration(args.weights, args.img_size), f)
+    write_model_dir(model_dir, args.weights, args.img_size)
 
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = len(CLASS_NAMES)
@@ -98,7 +97,7 @@ def run(args, data: str, setting: str, cached: bool, root: str) -> dict:
 
 
 def render(out_path: str, readme: str = README) -> None:
-    rows = [json.loads(line) for line in open(out_path) if line.strip()]
+    rows = read_rows(out_path)
     if not rows:
         return
     latest = {}
@@ -124,13 +123,11 @@ def render(out_path: str, readme: str = README) -> None:
         lines.append(f'| {px} | {setting} | {"on" if cached else "off"} | {r["first_epoch_s"]:.2f} s | '
                      f'{r["later_epoch_s"]:.3f} s | {later} | {epochs:.1f} s | {whole} | {r["train_s"]:.1f} s | '
                      f'{100 * r["accuracy"]:.1f} % | {held} | {diff} |')
-    from accuracy import commands_line, update_readme
     lines += commands_line(list(latest.values()))
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, SECTION)
 
 
 def main() -> int:
-    from accuracy import few_shot_arguments
     ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=15)
     ap.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument('--out', default=DEFAULT_OUT)
@@ -139,30 +136,26 @@ def main() -> int:
     if not args.render_only:
         import torch
         torch.set_num_threads(args.threads)
-        from accuracy import load_fashion_mnist, lscpu, sample_per_class, write_split
         root = tempfile.mkdtemp(prefix='feature-cache-bench-')
         fm = load_fashion_mnist(args.data)
         write_split(*fm['train'], sample_per_class(fm['train'][1], args.shots, args.seed), os.path.join(root, 'train'))
         write_split(*fm['test'], sample_per_class(fm['test'][1], args.test_per_class, args.seed),
                     os.path.join(root, 'test'))
-        cpu = lscpu()
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        cpu = cpu_record()
         for setting in args.settings:
             plain = run(args, root, setting, False, root)
             cached = run(args, root, setting, True, root)
             cached['max_weight_diff'] = max((cached['weights'][k] - plain['weights'][k]).abs().max().item()
                                             for k in plain['weights'])
-            with open(args.out, 'a') as f:
-                for r in (plain, cached):
-                    r.pop('weights')
-                    r.update(shots=args.shots, test_per_class=args.test_per_class, lr=args.lr, seed=args.seed,
-                             cpu={'model': cpu.get('model_name', ''), 'flags': cpu.get('flags', '')},
-                             torch=torch.__version__,
-                             command='python benchmarks/feature_cache.py ' + ' '.join(sys.argv[1:]))
-                    f.write(json.dumps(r) + '\n')
-                    print(json.dumps({k: r.get(k) for k in ('setting', 'cached', 'first_epoch_s', 'later_epoch_s',
-                                                            'train_s', 'accuracy', 'cache', 'max_weight_diff')}),
-                          flush=True)
+            for r in (plain, cached):
+                r.pop('weights')
+                r.update(shots=args.shots, test_per_class=args.test_per_class, lr=args.lr, seed=args.seed, cpu=cpu,
+                         torch=torch.__version__,
+                         command='python benchmarks/feature_cache.py ' + ' '.join(sys.argv[1:]))
+                print(json.dumps({k: r.get(k) for k in ('setting', 'cached', 'first_epoch_s', 'later_epoch_s',
+                                                        'train_s', 'accuracy', 'cache', 'max_weight_diff')}),
+                      flush=True)
+            append_rows(args.out, [plain, cached])
     render(args.out)
     return 0
 

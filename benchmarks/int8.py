@@ -24,6 +24,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # the other benchmark scripts (accuracy.py: data, configuration, README tables)
+from accuracy import (  # noqa: E402  (data, configuration, results files, lscpu, README tables)
+    CLASS_NAMES, append_rows, cpu_record, few_shot_arguments, load_fashion_mnist, read_rows, sample_per_class,
+    update_readme, write_model_dir, write_split)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'int8.jsonl')
 TABLE_START, TABLE_END = '<!-- int8-table:start -->', '<!-- int8-table:end -->'
@@ -36,7 +39,6 @@ PATHS = ('torch fp32', 'torch int8', 'onnxruntime fp32', 'onnxruntime int8')
 def train(args, root: str) -> tuple:
     import torch
     torch.set_num_threads(args.threads)
-    from accuracy import CLASS_NAMES, base_configuration, load_fashion_mnist, sample_per_class, write_split
     import modelscope_utuning  # noqa: F401  (registers the plugin)
     from modelscope.metainfo import Trainers
     from modelscope.trainers import build_trainer
@@ -46,9 +48,7 @@ def train(args, root: str) -> tuple:
     test_dir = write_split(*fm['test'], sample_per_class(fm['test'][1], args.test_per_class, args.seed),
                            os.path.join(root, 'test'))
     model_dir = os.path.join(root, 'model')
-    os.makedirs(model_dir)
-    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
-        json.dump(base_configuration(args.weights, args.img_size), f)
+    write_model_dir(model_dir, args.weights, args.img_size)
 
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = len(CLASS_NAMES)
@@ -97,14 +97,8 @@ def compare(output: str, test_dir: str, root: str, threads: int) -> list:
     return rows
 
 
-def lscpu() -> dict:
-    from accuracy import lscpu as read_lscpu
-    cpu = read_lscpu()
-    return {'model': cpu.get('model_name', ''), 'flags': cpu.get('flags', '')}
-
-
 def render(out_path: str, readme: str = README) -> None:
-    rows = [json.loads(line) for line in open(out_path) if line.strip()]
+    rows = read_rows(out_path)
     if not rows:
         return
     last = rows[-1]['settings']
@@ -122,12 +116,10 @@ def render(out_path: str, readme: str = README) -> None:
                          f'{r["max_score_diff"]:.3f} |')
     shown = re.sub(r' --out \S+', '', rows[-1]['command'])  # where it wrote: not part of the measurement
     lines += ['', f'Command: `{shown}`.', '']
-    from accuracy import update_readme
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, '## int8 inference (real backbone)')
 
 
 def main() -> int:
-    from accuracy import few_shot_arguments
     ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=15)
     ap.add_argument('--out', default=DEFAULT_OUT)
     ap.add_argument('--render-only', action='store_true')
@@ -138,13 +130,11 @@ def main() -> int:
         rows = compare(output, test_dir, root, args.threads)
         settings = {k: getattr(args, k) for k in ('shots', 'test_per_class', 'img_size', 'epochs', 'lr', 'seed')}
         import torch
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, 'a') as f:
-            for r in rows:
-                r.update(settings=settings, cpu=lscpu(), torch=torch.__version__,
-                         command='python benchmarks/int8.py ' + ' '.join(sys.argv[1:]))
-                f.write(json.dumps(r) + '\n')
-                print(json.dumps({k: r[k] for k in ('path', 'accuracy', 'top1_agreement', 'max_score_diff')}))
+        for r in rows:
+            r.update(settings=settings, cpu=cpu_record(), torch=torch.__version__,
+                     command='python benchmarks/int8.py ' + ' '.join(sys.argv[1:]))
+            print(json.dumps({k: r[k] for k in ('path', 'accuracy', 'top1_agreement', 'max_score_diff')}))
+        append_rows(args.out, rows)
     render(args.out)
     return 0
 

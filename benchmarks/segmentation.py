@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -28,6 +27,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, 'README.md')
+sys.path.insert(0, HERE)  # accuracy.py: the Fashion-MNIST reader, results files, lscpu, README tables
+from accuracy import CLASS_NAMES, append_rows, cpu_record, load_fashion_mnist, read_rows, update_readme  # noqa: E402
 TABLE_START, TABLE_END = '<!-- segmentation-table:start -->', '<!-- segmentation-table:end -->'
 DEFAULT_OUT = os.path.join(HERE, 'results', 'segmentation.jsonl')
 BACKBONE = {'patch_size': 14, 'embed_dim': 384, 'depth': 12, 'num_heads': 6, 'init_values': 1.0,
@@ -48,16 +49,7 @@ METHODS = {
 }
 
 
-def lscpu() -> dict:
-    sys.path.insert(0, HERE)
-    from accuracy import lscpu as read_lscpu
-    cpu = read_lscpu()
-    return {'model': cpu.get('model_name') or platform.processor(), 'flags': cpu.get('flags', '')}
-
-
 def make_scenes(data: str, root: str, n_train: int, n_eval: int, size: int, seed: int):
-    sys.path.insert(0, HERE)
-    from accuracy import CLASS_NAMES, load_fashion_mnist
     from modelscope_utuning.segmentation.scenes import write_scenes
     fm = load_fashion_mnist(data)
     train = write_scenes(os.path.join(root, 'train'), *fm['train'], CLASS_NAMES, n_train, seed=seed, size=size)
@@ -148,7 +140,7 @@ def run_one(args) -> dict:
             'train_s': train_s, 'peak_rss_mb': peak, 'saved_for_backward_mb': saved_mb, 'rss_before_train_mb': rss_before,
             'train_peak_increase_mb': peak - rss_before, 'size': args.size, 'epochs': args.epochs,
             'n_train': args.n_train, 'n_eval': args.n_eval, 'lr': 3e-5 if full else args.lr, 'seed': args.seed,
-            'threads': args.threads, 'cpu': lscpu(), 'torch': torch.__version__,
+            'threads': args.threads, 'cpu': cpu_record(), 'torch': torch.__version__,
             'command': ' '.join(sys.argv)}
 
 
@@ -157,17 +149,11 @@ def activations_path(out_path: str) -> str:
 
 
 def render(out_path: str, readme: str = README) -> None:
-    if not os.path.isfile(out_path):
-        return
-    rows = [json.loads(line) for line in open(out_path) if line.strip()]
+    rows = read_rows(out_path)
     if not rows:
         return
-    saved = {}  # method -> MB saved for backward in one step (--activations-only runs, or the training run's own)
-    if os.path.isfile(activations_path(out_path)):
-        for line in open(activations_path(out_path)):
-            if line.strip():
-                r = json.loads(line)
-                saved[r['method']] = r['saved_for_backward_mb']
+    # method -> MB saved for backward in one step (--activations-only runs, or the training run's own)
+    saved = {r['method']: r['saved_for_backward_mb'] for r in read_rows(activations_path(out_path))}
     lines = ['',
              f'DINOv2 ViT-S/14, composed scenes at {rows[-1]["size"]} px ({rows[-1]["n_train"]} training / '
              f'{rows[-1]["n_eval"]} evaluation scenes, 11 classes), {rows[-1]["epochs"]} epochs, batch 8, fp32, '
@@ -187,8 +173,6 @@ def render(out_path: str, readme: str = README) -> None:
     shown = re.sub(r' --(out|readme) \S+', '', rows[-1]['command'])  # where it wrote: not part of the measurement
     lines += ['', f'Command: `{shown}` (each method in a process of its own); the last column: the same command '
               'with `--activations-only`.', '']
-    sys.path.insert(0, HERE)
-    from accuracy import update_readme
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END,
                   '## Semantic segmentation (real backbone, composed scenes)')
 
@@ -242,13 +226,11 @@ def main() -> int:
         result['command'] = 'python benchmarks/segmentation.py ' + ' '.join(sys.argv[1:])
         if args.activations_only:
             print(f'{method}: {result["saved_for_backward_mb"]:.1f} MB saved for backward per step', flush=True)
-            with open(activations_path(args.out), 'a') as f:
-                f.write(json.dumps(result) + '\n')
+            append_rows(activations_path(args.out), [result])
             continue
         print(f'{method}: mIoU {100 * result["mIoU"]:.1f}, {result["train_s"] / 60:.1f} min, '
               f'peak {result["peak_rss_mb"]:.0f} MB', flush=True)
-        with open(args.out, 'a') as f:
-            f.write(json.dumps(result) + '\n')
+        append_rows(args.out, [result])
     render(args.out, args.readme)
     return 0
 

@@ -25,7 +25,9 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # accuracy.py: data, configuration, lscpu, README tables
-from accuracy import TRI, VERTICAL  # noqa: E402  (the tri-tuner and the vertical tuner of the accuracy table)
+from accuracy import (  # noqa: E402  (data, configuration, results files, lscpu, README tables)
+    CLASS_NAMES, TRI, VERTICAL, append_rows, commands_line, cpu_record, few_shot_arguments,
+    load_fashion_mnist, read_rows, sample_per_class, update_readme, write_model_dir, write_split)
 from feature_cache import epoch_clock  # noqa: E402  (stamps each epoch's end)
 README = os.path.join(HERE, 'README.md')
 DEFAULT_OUT = os.path.join(HERE, 'results', 'tasks.jsonl')
@@ -40,7 +42,6 @@ def relabel(k: int, seed: int):
 
 
 def rows_of(folder: str, k: int, seed: int):
-    from accuracy import CLASS_NAMES
     from modelscope_utuning.data import from_image_folder
     ds = from_image_folder(folder, classes=CLASS_NAMES)
     f = relabel(k, seed)
@@ -50,7 +51,6 @@ def rows_of(folder: str, k: int, seed: int):
 def trainer(args, root: str, model_dir: str, k: int, tag: str):
     from modelscope.metainfo import Trainers
     from modelscope.trainers import build_trainer
-    from accuracy import CLASS_NAMES
 
     def cfg_modify_fn(cfg):
         cfg.model.head.num_classes = len(CLASS_NAMES)
@@ -83,15 +83,12 @@ def run(args) -> dict:
     import torch
     torch.set_num_threads(args.threads)
     import modelscope_utuning  # noqa: F401  (registers the plugin)
-    from accuracy import base_configuration, load_fashion_mnist, sample_per_class, write_split
     root = tempfile.mkdtemp(prefix='tasks-bench-')
     fm = load_fashion_mnist(args.data)
     write_split(*fm['train'], sample_per_class(fm['train'][1], args.shots, args.seed), os.path.join(root, 'train'))
     write_split(*fm['test'], sample_per_class(fm['test'][1], args.test_per_class, args.seed), os.path.join(root, 'test'))
     model_dir = os.path.join(root, 'model')
-    os.makedirs(model_dir)
-    with open(os.path.join(model_dir, 'configuration.json'), 'w') as f:
-        json.dump(base_configuration(args.weights, args.img_size), f)
+    write_model_dir(model_dir, args.weights, args.img_size)
     out = {}
     alone = trainer(args, root, model_dir, 0, 'alone')
     c = epoch_clock()
@@ -113,7 +110,7 @@ def run(args) -> dict:
 
 
 def render(out_path: str, readme: str = README) -> None:
-    rows = [json.loads(line) for line in open(out_path) if line.strip()]
+    rows = read_rows(out_path)
     if not rows:
         return
     cpu = rows[-1]['cpu']
@@ -135,13 +132,11 @@ def render(out_path: str, readme: str = README) -> None:
                      f'{r["together_s"] / r["alone_s"]:.2f}x | max \\|weight difference\\| '
                      f'{r["task0_max_weight_diff"]:.1e} | {100 * r["accuracy_alone"]:.1f} % | '
                      f'{100 * sum(accs) / len(accs):.1f} % ({100 * min(accs):.1f}-{100 * max(accs):.1f}) |')
-    from accuracy import commands_line, update_readme
     lines += commands_line(list(latest.values()))
     update_readme('\n'.join(lines), readme, TABLE_START, TABLE_END, SECTION)
 
 
 def main() -> int:
-    from accuracy import few_shot_arguments
     ap = few_shot_arguments(argparse.ArgumentParser(description=__doc__.split('\n')[0]), epochs=10)
     ap.add_argument('--tasks', type=int, default=8)
     ap.add_argument('--cache', choices=('auto', 'off'), default='auto',
@@ -152,15 +147,11 @@ def main() -> int:
     args = ap.parse_args()
     if not args.render_only:
         import torch
-        from accuracy import lscpu
         r = run(args)
-        cpu = lscpu()
         r.update(img_size=args.img_size, tasks=args.tasks, epochs=args.epochs, cache=args.cache, shots=args.shots, seed=args.seed,
-                 lr=args.lr, cpu={'model': cpu.get('model_name', ''), 'flags': cpu.get('flags', '')},
+                 lr=args.lr, cpu=cpu_record(),
                  torch=torch.__version__, command='python benchmarks/tasks.py ' + ' '.join(sys.argv[1:]))
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, 'a') as f:
-            f.write(json.dumps(r) + '\n')
+        append_rows(args.out, [r])
         print(json.dumps(r), flush=True)
     render(args.out)
     return 0
