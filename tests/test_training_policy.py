@@ -249,3 +249,87 @@ def test_resume_plan_takes_the_newest_readable_epoch(tmp_path):
     assert plan.checkpoint is None and plan.epoch is None and len(plan.skipped) == 4
     assert latest_checkpoint(work) is None
 
+
+
+# -- rule 8: stochastic depth while tuned paths train --------------------------------------------------------------
+def block_rates(trainer):
+    """The drop probability of each block's mha branch (0 where it holds no DropPath)."""
+    return [getattr(b.drop_path1, 'p', 0.0) for b in trainer.model_unwrapped.model.backbone.blocks]
+
+
+def build(tmp_path, name, backbone_edit=None, train_edit=None):
+    from modelscope.metainfo import Trainers
+    from modelscope.trainers import build_trainer
+    cfg = configuration()
+    cfg['model']['backbone'].update(backbone_edit or {})
+    folder = config_only_dir(tmp_path / name, cfg)
+
+    def modify(c):
+        for k, v in (train_edit or {}).items():
+            c.train[k] = v
+        return c
+    return build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+        model=folder, work_dir=str(tmp_path / (name + '_work')), train_dataset=image_folder(tmp_path / (name + '_d'),
+                                                                                           CLASSES),
+        cfg_modify_fn=modify))
+
+
+def test_drop_path_rule_in_every_case():
+    from modelscope_utuning.training.defaults import DEFAULT_DROP_PATH
+    tuned, probe = {'blocks.0.ffn_adapter.up.weight': 'tuner', 'head.weight': 'head'}, {'head.weight': 'head'}
+    cfg = Config(configuration())
+    assert policy.drop_path_rate(cfg, tuned, bypass=False) == (DEFAULT_DROP_PATH, 'the default while tuners or the '
+                                                                                  'backbone train')
+    assert policy.drop_path_rate(cfg, {'blocks.0.attn.qkv.weight': 'backbone', **probe}, False)[0] == DEFAULT_DROP_PATH
+    assert policy.drop_path_rate(cfg, probe, bypass=False)[0] == 0.0
+    assert policy.drop_path_rate(cfg, tuned, bypass=True)[0] == 0.0
+    assert policy.drop_path_rate(cfg, tuned, False, default=0.0) == (0.0, 'no stochastic depth by default for this '
+                                                                          'task')
+    cfg.model.backbone.drop_path_rate = 0.0  # the model's own rate wins over the default, 0 included
+    assert policy.drop_path_rate(cfg, tuned, False) == (0.0, 'model.backbone.drop_path_rate')
+    cfg.train = {'drop_path': 0.3}  # and train.drop_path over both, for a probe too
+    assert policy.drop_path_rate(cfg, probe, False) == (0.3, 'train.drop_path')
+    cfg.train.drop_path = 'auto'
+    assert policy.drop_path_rate(cfg, tuned, False) == (0.0, 'model.backbone.drop_path_rate')
+    cfg.train.drop_path = 0.2
+    with pytest.raises(ValueError, match=r"train\.drop_path=0\.2: bypass mode runs the frozen blocks whole"):
+        policy.drop_path_rate(cfg, tuned, bypass=True)
+    cfg.train.drop_path = 0
+    assert policy.drop_path_rate(cfg, tuned, bypass=True) == (0.0, 'train.drop_path')
+
+
+def test_the_trainer_trains_tuners_with_stochastic_depth_and_a_probe_without(tmp_path):
+    trainer = build(tmp_path, 'tuned')
+    assert trainer.drop_path_rate == 0.1 and block_rates(trainer) == [0.0, 0.1]  # linear in depth, timm's rule
+    net = trainer.model_unwrapped.model
+    x = torch.randn(16, 3, 32, 32)
+    net.train()
+    for t in net.tuner_parameters().values():  # tuners away from silence, so that a dropped branch shows
+        torch.nn.init.normal_(t, std=0.5)
+    torch.manual_seed(0)
+    a = net.pre_logits(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, net.pre_logits(x))  # training draws which samples drop a branch ...
+    net.eval()
+    assert torch.equal(net.pre_logits(x), net.pre_logits(x))  # ... evaluation never does
+
+    probe = build(tmp_path, 'probe', backbone_edit={'tuners': []})
+    assert probe.drop_path_rate == 0.0 and block_rates(probe) == [0.0, 0.0]
+    own = build(tmp_path, 'own', backbone_edit={'drop_path_rate': 0.4})
+    assert own.drop_path_rate == 0.4 and block_rates(own) == [0.0, pytest.approx(0.4)]
+    off = build(tmp_path, 'off', train_edit={'drop_path': 0})
+    assert off.drop_path_rate == 0.0 and block_rates(off) == [0.0, 0.0]
+    bypass = build(tmp_path, 'bypass', backbone_edit={'bypass': True})
+    assert bypass.drop_path_rate == 0.0
+
+
+@pytest.mark.parametrize('value, message', [
+    (1.5, r"train\.drop_path=1\.5: .*expected 'auto' or a number in \[0, 1\)"),
+    ('on', r"train\.drop_path='on': .*expected 'auto' or a number in \[0, 1\)"),
+    (True, r"train\.drop_path=True: .*expected 'auto' or a number in \[0, 1\)"),
+])
+def test_a_bad_drop_path_is_refused_when_the_trainer_is_built(tmp_path, value, message):
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path, 'bad', train_edit={'drop_path': value})
+    with pytest.raises(ValueError, match=r"train\.drop_path=0\.2: bypass mode"):
+        build(tmp_path, 'bypass_bad', backbone_edit={'bypass': True}, train_edit={'drop_path': 0.2})

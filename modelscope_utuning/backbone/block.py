@@ -31,12 +31,16 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act, drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.set_drop_path(drop_path)
         self.hooks = HookTable()
+
+    def set_drop_path(self, p: float) -> None:
+        """Stochastic depth with probability ``p`` on the mha and ffn branches (the OP with its tuners); 0: none."""
+        self.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        self.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
 
     # -- tuners ---------------------------------------------------------------------------------------------------
     def attach(self, name: str, tuner: nn.Module) -> None:

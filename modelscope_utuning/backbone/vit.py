@@ -109,10 +109,10 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, embed_len, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
-        dpr = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, drop_rate, attn_drop_rate, dpr[i],
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, init_values, drop_rate, attn_drop_rate, 0.0,
                   act, norm_eps, index=i) for i in range(depth)])
+        self.set_drop_path_rate(drop_path_rate)
         use_fc_norm = global_pool == 'avg' if fc_norm is None else fc_norm
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
@@ -207,6 +207,15 @@ class VisionTransformer(nn.Module):
             return out
         collected[last] = out
         return out, [collected[i] for i in layers]
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth rising linearly with depth, timm's rule: block i drops its branches with probability
+        ``rate * i / (depth - 1)`` in training (the first block never, the last with ``rate``). Standard mode only:
+        the bypass path runs the frozen blocks whole (:meth:`Block.forward_frozen`)."""
+        self.drop_path_rate = float(rate)
+        last = max(len(self.blocks) - 1, 1)
+        for i, block in enumerate(self.blocks):
+            block.set_drop_path(self.drop_path_rate * i / last)
 
     def frozen_path_is_random(self, training: Optional[bool] = None) -> bool:
         """Whether the frozen forward draws random numbers (dropout) in training mode (``training=True``), in

@@ -29,6 +29,9 @@ from .transforms import MaskUnreadable, read_mask
 
 
 class SegmentationTrainer(VisionEfficientTuningTrainer):
+    # The classifier's stochastic-depth default was measured on classification only; dense prediction keeps what it
+    # was measured with (none) unless train.drop_path or model.backbone.drop_path_rate asks for it.
+    default_drop_path = 0.0
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault('data_collator', collate)

@@ -7,7 +7,7 @@ rates, no decay on tokens / norms / biases), bf16 autocast, a trainer state that
 
 Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp16' | 'fp32'),
 ``train.optimizer.head_lr``, ``train.on_bad_image`` ('raise' | 'skip'), ``train.feature_cache`` (bypass mode,
-:mod:`.feature_cache`); ModelScope's own
+:mod:`.feature_cache`), ``train.drop_path`` ('auto' | a rate: stochastic depth, :mod:`.policy` rule 8); ModelScope's own
 ``train.optimizer.options.{grad_clip, cumulative_iters}``, ``model.loss.label_smoothing`` and ``train.hooks`` (e.g.
 ModelScope's ``TensorboardHook``) work as usual.
 """
@@ -37,7 +37,7 @@ from ..location import locate_model_source
 from ..model import VisionEfficientTuningModel
 from ..preprocessing.preprocessor import VisionEfficientTuningPreprocessor
 from ..registration import register_class
-from .defaults import DEFAULT_HEAD_LR
+from .defaults import DEFAULT_DROP_PATH, DEFAULT_HEAD_LR
 from . import checkpointing
 from .checkpointing import trainer_state_globals
 from . import feature_cache
@@ -47,7 +47,7 @@ from .labels import check_conflicting_labels, map_onto, reference_classes
 from .memory import use_cpu_allocator
 from .metrics import TOPK_METRIC
 from .optim import param_groups
-from .policy import resolve_config
+from .policy import drop_path_rate, resolve_config
 from .precision import autocast, resolve_precision
 from .swift_tuners import apply_swift_tuners, exportable, require_swift
 from .validate import validate_config
@@ -90,6 +90,8 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
     """Same arguments as EpochBasedTrainer (``model``, ``work_dir``, ``train_dataset``, ``eval_dataset``,
     ``cfg_modify_fn`` ...), plus ``amp`` and ``on_bad_image`` overriding ``train.amp`` / ``train.on_bad_image``."""
 
+    default_drop_path = DEFAULT_DROP_PATH  # policy.py, rule 8
+
     def __init__(self, *args, amp: Optional[str] = None, on_bad_image: Optional[str] = None, **kwargs):
         if kwargs.get('efficient_tuners') is not None:  # before anything is built: say what to install
             require_swift()
@@ -116,6 +118,11 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
             self.use_fp16 = True  # ModelScope's TorchAMPOptimizerHook: autocast + GradScaler
         self.register_hook(ExactResumeHook())
         model = self.model_unwrapped
+        # policy.py, rule 8; decided on the model as built, ms-swift tuners included (tune_module ran above)
+        self.drop_path_rate, why = drop_path_rate(self.cfg, model.model.parameter_roles(), model.model.backbone.bypass,
+                                                  self.default_drop_path)
+        model.model.backbone.set_drop_path_rate(self.drop_path_rate)
+        logger.info(f'stochastic depth {self.drop_path_rate:g} ({why})')
         checkpointing.install(self, output_configuration(self.cfg.to_dict(), model.head.num_classes,
                                                          model.model.resolved_backbone_config())['model'])
         self.lock = WorkDirLock(self.work_dir)

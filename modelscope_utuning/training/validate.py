@@ -20,6 +20,7 @@ import inspect
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from ..model import VisionEfficientTuningModel
+from .defaults import read_drop_path
 from .feature_cache import read_settings as read_feature_cache
 from .precision import PRECISIONS
 from .schedule import probe_epochs
@@ -83,6 +84,7 @@ CHECKS: List[Tuple[str, Callable[[Any], Optional[str]]]] = [
     ('train.on_bad_image', _choice('raise', 'skip')),
     ('train.cpu_allocator', _choice('default', 'lean')),
     ('train.feature_cache', _read_by(read_feature_cache, 'train.feature_cache')),
+    ('train.drop_path', _read_by(read_drop_path, 'train.drop_path')),
     ('model.head.num_classes', _int(1)),
     ('model.loss.label_smoothing', _number(0.0, strict=False, high=1.0)),
     ('model.finetune', _bool),
@@ -293,7 +295,7 @@ def check_registered(cfg: Any, own_optimizer_keys: Iterable[str] = ('head_lr',))
 # unknown keys are only logged (other ModelScope releases and hub configurations carry keys of their own).
 TRAIN_KEYS = ('work_dir', 'max_epochs', 'max_iters', 'train_iters_per_epoch', 'dataloader', 'optimizer',
               'lr_scheduler', 'hooks', 'checkpoint', 'logging', 'optimizer_hook', 'lr_scheduler_hook',
-              'amp', 'warmup', 'probe_epochs', 'on_bad_image', 'cpu_allocator', 'feature_cache')
+              'amp', 'warmup', 'probe_epochs', 'on_bad_image', 'cpu_allocator', 'feature_cache', 'drop_path')
 EVALUATION_KEYS = ('dataloader', 'metrics', 'period', 'val_iters_per_epoch')
 MODEL_EXTRA_KEYS = ('type', 'model_dir', 'device')
 
