@@ -420,13 +420,15 @@ def machine_info(threads: int) -> Dict[str, Any]:
 
 
 def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
-    from modelscope_utuning.training.defaults import DEFAULT_HEAD_LR, DEFAULTS
+    from modelscope_utuning.training.defaults import DEFAULT_DROP_PATH, DEFAULT_HEAD_LR, DEFAULTS
     opt = DEFAULTS['train']['optimizer']
     return {'dataset': s.dataset, 'tag': s.tag, 'overrides': {k: v for k, v in s.set},
             'backbone': 'DINOv2 ViT-S/14 (' + os.path.basename(s.weights) + ')', 'img_size': s.img_size,
             'shots': s.shots, 'test_per_class': s.test_per_class, 'epochs': s.epochs, 'batch': s.batch,
             'optimizer': f'trainer default: {json.dumps(opt)}', 'head_lr': f'trainer default: max(lr, {DEFAULT_HEAD_LR:g})',
             'schedule': f'cosine by epoch, T_max={s.epochs}; trainer warm-up over the first 10% of the steps',
+            'drop_path': f'trainer default: {DEFAULT_DROP_PATH:g} while tuners or the backbone train in standard mode, '
+                         '0 for the probe and in bypass mode (train.drop_path auto)',
             'precision': s.precision, 'tuner_size': TUNER_SIZE,
             'train_aug': f'RandomResizedCrop({s.img_size}, scale 0.75-1, ratio 0.9-1.1) + hflip 0.5',
             'eval_transform': f'resize {s.img_size} + center crop {s.img_size}'}

@@ -167,19 +167,17 @@ def trained_accuracy(weights: str, data, work_dir: str, tuners, overrides=None, 
     return float((trainer.metric_values or trainer.evaluate())['accuracy'])
 
 
-NOISE = 0.05  # about one binomial standard error of an accuracy near 55 % on the 109 test images (4.8 points)
-
-
 def test_tuned_model_is_not_worse_than_its_probe_on_colour_photos(real_weights, colour_few_shot, tmp_path):
     """Every parallel tuner starts silent, so a tuned model starts as its linear probe: at the trainer's defaults,
-    training the tri-tuner with the head must not end below training the head alone on the same images beyond the
-    test set's noise.
+    training the tri-tuner with the head must not end below training the head alone on the same images.
 
-    Measured at these settings (56 px, 5 shots, 20 epochs of batch 10, seed 0; issue #23): probe 52.3 %, tri-tuner
-    at the defaults 50.5 % (-1.8, passes; over seeds 0-2 the tri-tuner averages 56.3 % against the probe's 55.0 %).
-    Training the head first (LP-FT, ``train.probe_epochs: auto``), the candidate fix that measured worse, ends at
-    45.9 % (-6.4) and fails it."""
+    Measured at these settings (56 px, 5 shots, 20 epochs of batch 10, default lr 1e-3; issue #23), seeds 0 / 1 / 2:
+    probe 52.3 / 53.2 / 59.6 %; tri-tuner at the defaults (stochastic depth 0.1, ``train.drop_path: auto``) 54.1 /
+    60.6 / 63.3 % (+1.8 / +7.3 / +3.7); the same without stochastic depth (``train.drop_path: 0``, the defaults before
+    it) 50.5 / 56.9 / 61.5 %, below the probe at seed 0, the regression the issue reported. This test runs seed 0,
+    where the margin is smallest (2 of the 109 test images). Training the head first (LP-FT,
+    ``train.probe_epochs: auto``), the candidate fix that measured worse, ends at 45.9 % at seed 0."""
     probe = trained_accuracy(real_weights, colour_few_shot, str(tmp_path / 'probe'), None)
     tuned = trained_accuracy(real_weights, colour_few_shot, str(tmp_path / 'tri'), TRI)
     assert probe > 0.3, probe  # the probe itself learnt (chance: 10 %)
-    assert tuned >= probe - NOISE, (tuned, probe)
+    assert tuned >= probe, (tuned, probe)
