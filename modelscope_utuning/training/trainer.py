@@ -119,10 +119,10 @@ class VisionEfficientTuningTrainer(EpochBasedTrainer):
         self.register_hook(ExactResumeHook())
         model = self.model_unwrapped
         # policy.py, rule 8; decided on the model as built, ms-swift tuners included (tune_module ran above)
-        self.drop_path_rate, why = drop_path_rate(self.cfg, model.model.parameter_roles(), model.model.backbone.bypass,
-                                                  self.default_drop_path)
-        model.model.backbone.set_drop_path_rate(self.drop_path_rate)
-        logger.info(f'stochastic depth {self.drop_path_rate:g} ({why})')
+        rate, why = drop_path_rate(self.cfg, model.model.parameter_roles(), model.model.backbone.bypass,
+                                   self.default_drop_path)
+        model.model.backbone.set_drop_path_rate(rate)  # the backbone keeps it (its drop_path_rate)
+        logger.info(f'stochastic depth {rate:g} ({why})')
         checkpointing.install(self, output_configuration(self.cfg.to_dict(), model.head.num_classes,
                                                          model.model.resolved_backbone_config())['model'])
         self.lock = WorkDirLock(self.work_dir)
