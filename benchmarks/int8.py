@@ -130,8 +130,9 @@ def main() -> int:
         rows = compare(output, test_dir, root, args.threads)
         settings = {k: getattr(args, k) for k in ('shots', 'test_per_class', 'img_size', 'epochs', 'lr', 'seed')}
         import torch
+        cpu = cpu_record()
         for r in rows:
-            r.update(settings=settings, cpu=cpu_record(), torch=torch.__version__,
+            r.update(settings=settings, cpu=cpu, torch=torch.__version__,
                      command='python benchmarks/int8.py ' + ' '.join(sys.argv[1:]))
             print(json.dumps({k: r[k] for k in ('path', 'accuracy', 'top1_agreement', 'max_score_diff')}))
         append_rows(args.out, rows)
