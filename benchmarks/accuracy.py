@@ -421,6 +421,7 @@ def machine_info(threads: int) -> Dict[str, Any]:
 
 def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
     from modelscope_utuning.training.defaults import DEFAULT_DROP_PATH, DEFAULT_HEAD_LR, DEFAULTS
+    from modelscope_utuning.tuners.parallel import DEFAULT_SCALE_INIT
     opt = DEFAULTS['train']['optimizer']
     return {'dataset': s.dataset, 'tag': s.tag, 'overrides': {k: v for k, v in s.set},
             'backbone': 'DINOv2 ViT-S/14 (' + os.path.basename(s.weights) + ')', 'img_size': s.img_size,
@@ -429,6 +430,7 @@ def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
             'schedule': f'cosine by epoch, T_max={s.epochs}; trainer warm-up over the first 10% of the steps',
             'drop_path': f'trainer default: {DEFAULT_DROP_PATH:g} while tuners or the backbone train in standard mode, '
                          '0 for the probe and in bypass mode (train.drop_path auto)',
+            'parallel_scale_init': f'tuner default: {DEFAULT_SCALE_INIT:g} (parallel adapters and prefixes)',
             'precision': s.precision, 'tuner_size': TUNER_SIZE,
             'train_aug': f'RandomResizedCrop({s.img_size}, scale 0.75-1, ratio 0.9-1.1) + hflip 0.5',
             'eval_transform': f'resize {s.img_size} + center crop {s.img_size}'}
@@ -564,7 +566,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               '10 (colour)')
     ap.add_argument('--set', action='append', default=[], type=_key_value, metavar='KEY=JSON',
                     help='set a configuration key in cfg_modify_fn after everything else (e.g. the previous '
-                         'defaults: --set train.tuner_schedule=null); results go under a settings key of their own '
+                         'defaults: --set train.drop_path=0); results go under a settings key of their own '
                          'only with --tag')
     ap.add_argument('--tag', default='', help='suffix of the settings key (keeps these runs apart in --out and the '
                                               'README)')
