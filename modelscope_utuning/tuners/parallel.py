@@ -33,7 +33,7 @@ on those zero-started parameters moves the OP's output: four times as far as wit
 read the input (an adapter's down-projection, a prefix's keys) keep learning at the run's rate. Measured
 (``benchmarks/README.md``; DINOv2 ViT-S/14, 112 px, 60-100 steps, tri-tuner, 3-5 seeds): with s = 1 the tuners are
 under-trained at lr 5e-4 and the tri-tuner ended 1.1 points under its linear probe on 10-shot Fashion-MNIST; with
-s = 4 it is 3.2 points over it there and 4.4 over it on 5-shot colour photos. Running every tuner parameter 4x
+s = 4 it is 3.2 points over it there and 4.6 over it on 5-shot colour photos. Running every tuner parameter 4x
 faster instead is not the same thing: the tri-tuner at lr 4e-2 (4 x 1e-2) collapses to chance, while s = 4 at lr
 1e-2 trains (69.1 %, probe 64.2 %).
 """
