@@ -77,7 +77,7 @@ def test_residual_join_makes_training_blind_to_the_residual_scale(join):
     moved = (sa - train_steps(build(tuners), steps=0)).abs().max().item()
     assert moved > 1e-2  # training did change the model
     if join == 'residual':
-        torch.testing.assert_close(sa, sb, atol=1e-3, rtol=0)  # fp32 error of the x50 stream: 1 % of `moved`
+        torch.testing.assert_close(sa, sb, atol=2e-4, rtol=0)
     else:
         assert (sa - sb).abs().max().item() > 1e-2
 
@@ -96,35 +96,6 @@ def test_adapter_branch_is_averaged_over_its_hidden_units():
         changes[r] = (u.abs().mean() / act.abs().mean()).item()
         torch.testing.assert_close(u, 1e-2 * act.sum(-1, keepdim=True).expand_as(u) / r, atol=1e-6, rtol=1e-4)
     assert changes[4] == pytest.approx(changes[32], rel=0.35)
-
-
-@pytest.mark.parametrize('entry,attr', [({'type': 'adapter', 'op': 'ffn', 'dim': 4}, 'ffn_adapter'),
-                                        ({'type': 'adapter', 'op': 'mha', 'dim': 4}, 'mha_adapter'),
-                                        ({'type': 'prefix', 'op': 'block', 'length': 3}, 'block_prefix')])
-def test_default_scale_makes_the_first_step_from_silence_four_times_longer(entry, attr):
-    """The parallel scale starts at 4 (He et al.'s scaled parallel adapter): the parameters that start at zero (an
-    adapter's up-projection, a prefix's values) carry the first AdamW step, which moves every entry by lr whatever
-    the gradient's size, so that step moves the term s U(h) four times as far as with scale_init 1; the parameters
-    that read the input (down-projection, keys) get no gradient through a silent branch and stay where they were."""
-    moved, still = {}, {}
-    for init in (None, 1.0):
-        model = build([entry if init is None else dict(entry, scale_init=init)])
-        block = model.backbone.blocks[0]
-        tuner = getattr(block, attr)
-        g = torch.Generator().manual_seed(1)
-        h, target = torch.randn(2, 17, 32, generator=g), torch.randn(2, 17, 32, generator=g)
-        ctx = block.op_context(entry['op'], h, None)
-        before = {n: p.detach().clone() for n, p in tuner.named_parameters()}
-        assert torch.count_nonzero(tuner.scaled_branch(ctx)) == 0  # silent at step 0, whatever the scale
-        opt = torch.optim.AdamW(tuner.parameters(), lr=1e-3, weight_decay=0.0)
-        (tuner.scaled_branch(ctx) * target).sum().backward()
-        opt.step()
-        with torch.no_grad():
-            moved[init] = tuner.scaled_branch(ctx).abs().mean().item()
-        still[init] = [n for n, p in tuner.named_parameters() if torch.equal(p, before[n])]
-    assert moved[1.0] > 0
-    assert moved[None] == pytest.approx(4 * moved[1.0], rel=1e-3)
-    assert still[None] == still[1.0] and still[None]  # the input-reading parameters (and s itself) did not move
 
 
 def test_parallel_prompt_tokens_start_standard_normal_and_silent():

@@ -63,7 +63,7 @@ def test_a_spec_and_its_options_cannot_be_changed_after_parsing(entry):
 def test_defaults_are_the_kinds_real_values_for_this_backbone():
     p_adapter = parse_tuner({'type': 'adapter', 'op': 'ffn', 'dim': 4}, DIMS)
     assert (p_adapter.form, p_adapter.scale, p_adapter.join, p_adapter.scale_init, p_adapter.act) == \
-        ('parallel', 'channel', 'residual', 4.0, 'gelu')
+        ('parallel', 'channel', 'residual', 1.0, 'gelu')
     assert parse_tuner({'type': 'adapter', 'dim': 4}, dataclasses.replace(DIMS, act='relu')).act == 'relu'
     s_adapter = parse_tuner({'type': 'adapter', 'form': 'sequential', 'dim': 4}, DIMS)
     assert (s_adapter.scale, s_adapter.join, s_adapter.scale_init) == ('none', None, None)

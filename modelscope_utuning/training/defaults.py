@@ -18,9 +18,7 @@ DEFAULT_HEAD_LR = 1e-2
 # ViT-S/14, 112 px): on 5-shot colour photos (5 seeds) the tri-tuner at lr 5e-4 / 2e-3 / 5e-3 went from 58.7 / 59.6 /
 # 58.7 % without it, level with its probe (58.7 %), to 60.2 / 64.8 / 67.7 %; without it the tuners fit the 50
 # training images by epoch 7 and their test accuracy stops moving. On 10-shot Fashion-MNIST (3 seeds) the gains at
-# 2e-3 / 5e-3 stay (70.4 / 70.4 % vs 70.5 / 72.1 %; probe 64.2 %); at 5e-4 it cost 3 points (63.1 vs 66.3 %) while
-# the parallel scale started at 1, and the tuners, under-trained there, could not make it up; with the scale
-# starting at 4 (tuners/parallel.py) the tri-tuner ends at 67.4 % there.
+# 2e-3 / 5e-3 stay (70.4 / 70.4 % vs 70.5 / 72.1 %; probe 64.2 %); at 5e-4 it costs 3 points (63.1 vs 66.3 %).
 DEFAULT_DROP_PATH = 0.1
 DROP_PATH_KEY = 'train.drop_path'
 

@@ -25,17 +25,6 @@ warm-up; with ``residual`` it trains at every lr from 5e-4 to 1e-2.
 
 Whatever the join, a parallel tuner starts silent: its branch or its scale starts at zero, so the tuned model
 equals the frozen one at step 0.
-
-**The scale starts at 4** (``DEFAULT_SCALE_INIT``; the scaled parallel adapter of He et al. 2022, "Towards a Unified
-View of Parameter-Efficient Transfer Learning", s = 4), a P-Prompt's at 0. The branch starts silent either way (an
-adapter's up-projection and a prefix's values start at zero); what the initial scale sets is how far one AdamW step
-on those zero-started parameters moves the OP's output: four times as far as with s = 1, while the parameters that
-read the input (an adapter's down-projection, a prefix's keys) keep learning at the run's rate. Measured
-(``benchmarks/README.md``; DINOv2 ViT-S/14, 112 px, 60-100 steps, tri-tuner, 3-5 seeds): with s = 1 the tuners are
-under-trained at lr 5e-4 and the tri-tuner ended 1.1 points under its linear probe on 10-shot Fashion-MNIST; with
-s = 4 it is 3.2 points over it there and 4.6 over it on 5-shot colour photos. Running every tuner parameter 4x
-faster instead is not the same thing: the tri-tuner at lr 4e-2 (4 x 1e-2) collapses to chance, while s = 4 at lr
-1e-2 trains (69.1 %, probe 64.2 %).
 """
 from __future__ import annotations
 
@@ -51,14 +40,13 @@ from .scale import SCALES, Scale
 JOINS = ('residual', 'layer_scale', 'absolute')
 DEFAULT_JOIN = 'residual'
 DEFAULT_SCALE = 'channel'
-DEFAULT_SCALE_INIT = 4.0  # s at step 0 (see the module docstring); saved models keep the s they learnt
 
 
 @dataclass(frozen=True)
 class ParallelConfig(TunerConfig):
     scale: str = option(None, "the learned scale s: 'none', 'scalar', 'channel' (default for the parallel form) "
                               "or 'input' (s(h) = h w + b)", choices=SCALES)
-    scale_init: float = option(None, "the scale's initial value (default: the kind's, 4; a P-Prompt's 0)",
+    scale_init: float = option(None, "the scale's initial value (default: the kind's, 1; a P-Prompt's 0)",
                                init_only=True)
     join: str = option(None, "where s U(h) joins: 'residual' (default: after the layer scale, in units of the "
                              "residual stream), 'layer_scale' (before it) or 'absolute'", choices=JOINS)
@@ -69,7 +57,7 @@ class ParallelTuner(Tuner):
     Their entries have the options of :class:`ParallelConfig`, which only the parallel form has."""
 
     bypass_forms = ('parallel',)
-    default_scale_init = DEFAULT_SCALE_INIT  # unless the entry gives one (a kind may start at 0)
+    default_scale_init = 1.0  # the scale's initial value unless the entry gives one (a kind may start at 0)
 
     @classmethod
     def check(cls, spec) -> None:
