@@ -25,6 +25,13 @@ warm-up; with ``residual`` it trains at every lr from 5e-4 to 1e-2.
 
 Whatever the join, a parallel tuner starts silent: its branch or its scale starts at zero, so the tuned model
 equals the frozen one at step 0.
+
+The scale starts at 1 (``DEFAULT_SCALE_INIT``; a P-Prompt's at 0). Starting it at 4 (He et al. 2022's scaled
+parallel adapter) was measured and not adopted (``benchmarks/README.md``, "The scale's initial value"): it makes each
+AdamW step on the zero-started output weights (an adapter's up-projection, a prefix's values) count four times, which
+lifted the tri-tuner at lr 5e-4 (10-shot Fashion-MNIST: 3.2 points over its probe instead of 1.1 under it), but it
+moves the whole learning-rate curve down: at lr 1e-2 the tri-tuner fell 4.0 points under its probe on 5-shot colour
+photos (7.3 over it with s = 1), and at 2e-2 it collapsed on Fashion-MNIST.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from .scale import SCALES, Scale
 JOINS = ('residual', 'layer_scale', 'absolute')
 DEFAULT_JOIN = 'residual'
 DEFAULT_SCALE = 'channel'
+DEFAULT_SCALE_INIT = 1.0  # s at step 0 (see the module docstring for why not 4)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ class ParallelTuner(Tuner):
     Their entries have the options of :class:`ParallelConfig`, which only the parallel form has."""
 
     bypass_forms = ('parallel',)
-    default_scale_init = 1.0  # the scale's initial value unless the entry gives one (a kind may start at 0)
+    default_scale_init = DEFAULT_SCALE_INIT  # unless the entry gives one (a kind may start at 0)
 
     @classmethod
     def check(cls, spec) -> None:
