@@ -420,7 +420,7 @@ def machine_info(threads: int) -> Dict[str, Any]:
 
 
 def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
-    from modelscope_utuning.training.defaults import DEFAULT_DROP_PATH, DEFAULT_HEAD_LR, DEFAULTS
+    from modelscope_utuning.training.defaults import DEFAULT_DROP_PATH, DEFAULT_HEAD_LR, DEFAULTS, PARALLEL_SPEED_LR
     from modelscope_utuning.tuners.parallel import DEFAULT_SCALE_INIT
     opt = DEFAULTS['train']['optimizer']
     return {'dataset': s.dataset, 'tag': s.tag, 'overrides': {k: v for k, v in s.set},
@@ -430,7 +430,8 @@ def settings_of(s: argparse.Namespace) -> Dict[str, Any]:
             'schedule': f'cosine by epoch, T_max={s.epochs}; trainer warm-up over the first 10% of the steps',
             'drop_path': f'trainer default: {DEFAULT_DROP_PATH:g} while tuners or the backbone train in standard mode, '
                          '0 for the probe and in bypass mode (train.drop_path auto)',
-            'parallel_scale_init': f'tuner default: {DEFAULT_SCALE_INIT:g} (parallel adapters and prefixes)',
+            'parallel_scale_init': f'trainer default: max({DEFAULT_SCALE_INIT:g}, {PARALLEL_SPEED_LR:g} / lr) for '
+                                   'parallel adapters and prefixes (policy rule 9)',
             'precision': s.precision, 'tuner_size': TUNER_SIZE,
             'train_aug': f'RandomResizedCrop({s.img_size}, scale 0.75-1, ratio 0.9-1.1) + hflip 0.5',
             'eval_transform': f'resize {s.img_size} + center crop {s.img_size}'}

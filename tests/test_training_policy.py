@@ -338,3 +338,96 @@ def test_a_bad_drop_path_is_refused_when_the_trainer_is_built(tmp_path, value, m
         build(tmp_path, 'bad', train_edit={'drop_path': value})
     with pytest.raises(ValueError, match=r"train\.drop_path=0\.2: bypass mode"):
         build(tmp_path, 'bypass_bad', backbone_edit={'bypass': True}, train_edit={'drop_path': 0.2})
+
+
+# -- rule 9: the parallel scale's start ----------------------------------------------------------------------------
+def scale_cfg(lr, optimizer='AdamW'):
+    """A configuration holding one entry of every case rule 9 tells apart, trained with ``optimizer`` at ``lr``."""
+    cfg = Config(configuration())
+    cfg.model.backbone.tuners = [
+        {'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4},  # 0: P-Adapter
+        {'type': 'adapter', 'op': 'ffn', 'dim': 4},                      # 1: the kind's default form (parallel)
+        {'type': 'prefix', 'op': 'block', 'form': 'parallel', 'length': 2},  # 2: P-Prefix
+        {'type': 'adapter', 'op': 'ffn', 'form': 'sequential', 'dim': 4},    # 3: no scale at all
+        {'type': 'prompt', 'op': 'ffn', 'form': 'parallel', 'length': 2},    # 4: its scale itself starts at 0
+        {'type': 'lora', 'op': 'mha', 'rank': 2},                            # 5: not a parallel kind
+        {'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4, 'scale_init': 0.5},  # 6: the user's choice
+        {'type': 'no-such-kind'},                                            # 7: left for validation to name
+    ]
+    cfg.train = {'optimizer': {'type': optimizer, 'lr': lr}}
+    return cfg
+
+
+def scale_inits(cfg):
+    return [entry.get('scale_init') for entry in cfg.model.backbone.tuners]
+
+
+@pytest.mark.parametrize('lr, start', [(5e-4, 4.0), (1e-3, 2.0), (3e-4, 6.66667), (1e-4, 20.0)])
+def test_a_slow_lr_starts_fresh_parallel_scales_at_the_pace_of_2e_3(lr, start):
+    cfg = scale_cfg(lr)
+    assert policy.start_parallel_scales(cfg) == start
+    assert scale_inits(cfg) == [start, start, start, None, None, None, 0.5, None]
+
+
+@pytest.mark.parametrize('lr, optimizer', [(2e-3, 'AdamW'), (1e-2, 'Adam'), (5e-4, 'SGD'), (0, 'AdamW'),
+                                           ('fast', 'AdamW')])
+def test_the_parallel_scales_stay_at_1_from_2e_3_up_and_for_other_optimizers(lr, optimizer):
+    cfg = scale_cfg(lr, optimizer)
+    assert policy.start_parallel_scales(cfg) is None
+    assert scale_inits(cfg) == [None] * 6 + [0.5, None]
+
+
+def test_without_tuners_or_with_every_scale_chosen_nothing_changes():
+    cfg = scale_cfg(5e-4)
+    cfg.model.backbone.tuners = [{'type': 'adapter', 'op': 'mha', 'form': 'parallel', 'dim': 4, 'scale_init': 1.0}]
+    assert policy.start_parallel_scales(cfg) is None and scale_inits(cfg) == [1.0]
+    cfg.model.backbone.pop('tuners')
+    assert policy.start_parallel_scales(cfg) is None and 'tuners' not in cfg.model.backbone
+
+
+def adapter_scales(trainer):
+    """Every parallel tuner's learned scale values in the trainer's network, flattened."""
+    net = trainer.model_unwrapped.model
+    return torch.cat([p.detach().flatten() for n, p in net.named_parameters() if n.endswith('scale.weight')])
+
+
+@pytest.mark.parametrize('lr, start', [(5e-4, 4.0), (1e-3, 2.0), (5e-3, 1.0)])
+def test_the_trainer_builds_fresh_tuners_with_the_scale_rule_9_gives(tmp_path, lr, start):
+    trainer = build(tmp_path, 'fresh', train_edit={'optimizer': {'type': 'AdamW', 'lr': lr}})
+    scales = adapter_scales(trainer)
+    assert scales.numel() == VIT['embed_dim'] * VIT['depth'] and torch.all(scales == start)
+    # the configuration the run saves says how the scale started, and parses back to the same tuners
+    saved = trainer.model_unwrapped.model.resolved_backbone_config()['tuners']
+    assert [e['scale_init'] for e in saved] == [start]
+    assert trainer.cfg.model.backbone.tuners[0].get('scale_init') == (None if start == 1.0 else start)
+
+
+def test_trained_scales_are_kept_whatever_the_lr(tmp_path):
+    """A folder whose weights hold trained tuners: rule 9 only sets where fresh tuners start, the checkpoint's scale
+    is what the run continues from, also when the folder's configuration names no scale_init."""
+    cfg = configuration()
+    torch.manual_seed(0)
+    model = VisionEfficientTuningModel(model_dir=None, backbone=cfg['model']['backbone'], head={'num_classes': 3},
+                                       CLASSES=list(CLASSES))
+    for name, p in model.model.named_parameters():
+        if name.endswith('scale.weight'):
+            torch.nn.init.constant_(p, 3.0)
+    folder = str(tmp_path / 'trained')
+    export_output(model, cfg, folder)
+    with open(os.path.join(folder, 'configuration.json')) as f:
+        written = json.load(f)
+    for entry in written['model']['backbone']['tuners']:
+        entry.pop('scale_init', None)  # as a hand-written configuration would say it
+    with open(os.path.join(folder, 'configuration.json'), 'w') as f:
+        json.dump(written, f)
+    from modelscope.metainfo import Trainers
+    from modelscope.trainers import build_trainer
+
+    def modify(c):
+        c.train.optimizer.lr = 5e-4
+        return c
+    trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
+        model=folder, work_dir=str(tmp_path / 'work'), train_dataset=image_folder(tmp_path / 'd', CLASSES),
+        cfg_modify_fn=modify))
+    assert trainer.cfg.model.backbone.tuners[0].scale_init == 4.0  # what a fresh tuner would start at ...
+    assert torch.all(adapter_scales(trainer) == 3.0)  # ... but these are trained

@@ -44,6 +44,18 @@ module, so that the command line only parses arguments, locates files and prints
    the head trains: dropping branches of a frozen backbone only adds noise to the features it fits; measured, the
    probe lost 2.6 points with it) and in bypass mode (the frozen blocks run whole there, so the rate would do
    nothing, and the frozen features stay cacheable). It changes training only: evaluation and exports never drop.
+9. **A fresh parallel tuner grows at least at the speed of lr 2e-3** (:func:`start_parallel_scales`): with an
+   Adam-family optimizer (``Adam``, ``AdamW``) at ``lr`` below ``defaults.PARALLEL_SPEED_LR``, every parallel
+   adapter or prefix entry that names no ``scale_init`` gets ``scale_init = PARALLEL_SPEED_LR / lr`` (4 at 5e-4).
+   Why: such a tuner starts silent because its output weights (an adapter's up-projection, a prefix's values) start
+   at zero, and Adam moves each of them by about ``lr`` per step whatever the gradient's size, so the branch
+   ``s * U(h)`` grows at about ``s * lr`` per step: at low rates a short run ends before the tuners have done
+   anything, and the model is its probe trained under stochastic depth, which costs the probe points. Starting
+   ``s`` at ``2e-3 / lr`` gives the branch the pace it has at 2e-3 while every randomly started weight still moves
+   at the user's rate; at 2e-3 and above nothing changes (measured: starting at 4 there too moved the whole
+   learning-rate curve down, 4 points under the probe at lr 1e-2). The value is written into the entry, so the
+   configuration a run saves says how it started; trained weights loaded over it keep their own scale. P-Prompts
+   (whose scale itself starts at 0) and other optimizers are left as they are.
 """
 from __future__ import annotations
 
@@ -51,11 +63,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, List, Mapping, Optional, Tuple
 
+from modelscope.utils.logger import get_logger
+
 from ..checkpoint import tuner_only
 from ..checkpoint.hub_layout import CHECKPOINT_FILE, read_checkpoint
 from ..compat import own_default_hooks
 from ..fileio import read_json_object
-from .defaults import DEFAULT_DROP_PATH, DROP_PATH_KEY, apply_defaults, read_drop_path
+from ..tuners.base import tuner_kinds
+from ..tuners.parallel import DEFAULT_SCALE_INIT, ParallelTuner
+from .defaults import DEFAULT_DROP_PATH, DROP_PATH_KEY, PARALLEL_SPEED_LR, apply_defaults, read_drop_path
 from .validate import validate_config
 
 HEAD_SIZE_KEY = 'model.head.num_classes'
@@ -72,6 +88,10 @@ def resolve_config(cfg, cfg_modify_fn: Optional[Callable[[Any], Any]] = None):
     cfg = apply_defaults(cfg)
     if cfg_modify_fn is not None:
         cfg = cfg_modify_fn(cfg)
+    start = start_parallel_scales(cfg)  # rule 9: after the user's edits, which may change the lr or the tuners
+    if start is not None:
+        get_logger().info(f'fresh parallel tuners start with scale {start:g}, so that they grow at the pace of lr '
+                          f'{PARALLEL_SPEED_LR:g} (policy rule 9; an entry\'s scale_init chooses its own)')
     return cfg
 
 
@@ -193,3 +213,42 @@ def drop_path_rate(cfg, roles: Mapping[str, str], bypass: bool,
     if default == 0:
         return 0.0, 'no stochastic depth by default for this task'
     return default, 'the default while tuners or the backbone train'
+
+
+# -- 9. the parallel scale's start -----------------------------------------------------------------------------------
+ADAM_OPTIMIZERS = ('Adam', 'AdamW')  # per-step moves of about lr, whatever the gradient's size
+SCALE_INIT_KEY = 'scale_init'
+
+
+def parallel_scale_start(lr: float) -> float:
+    """Rule 9's initial scale for a fresh parallel adapter / prefix trained with Adam at ``lr``:
+    ``max(1, PARALLEL_SPEED_LR / lr)`` (4 at 5e-4, 2 at 1e-3, 1 from 2e-3 up), to 6 significant digits."""
+    return float(f'{max(DEFAULT_SCALE_INIT, PARALLEL_SPEED_LR / lr):.6g}')
+
+
+def start_parallel_scales(cfg) -> Optional[float]:
+    """Rule 9 on ``cfg`` (in place): ``scale_init`` written into every ``model.backbone.tuners`` entry of a parallel
+    kind whose scale starts at 1 (adapter, prefix; form parallel) that names none, when the optimizer is Adam-family
+    and its lr is below ``PARALLEL_SPEED_LR``. Returns the value written, or None when nothing changed. Entries it
+    cannot read are left for the configuration checks (:mod:`.validate`) to name."""
+    optimizer = cfg.safe_get('train.optimizer') or {}
+    lr = optimizer.get('lr')
+    if optimizer.get('type') not in ADAM_OPTIMIZERS or isinstance(lr, bool) or not isinstance(lr, (int, float)) \
+            or lr <= 0:
+        return None
+    start = parallel_scale_start(lr)
+    entries = cfg.safe_get('model.backbone.tuners')
+    if start == DEFAULT_SCALE_INIT or not isinstance(entries, (list, tuple)):
+        return None
+    kinds = tuner_kinds()
+    changed = False
+    for entry in entries:
+        if not isinstance(entry, dict) or SCALE_INIT_KEY in entry:
+            continue
+        kind = kinds.get(entry.get('type'))
+        if kind is None or not issubclass(kind, ParallelTuner) or kind.default_scale_init != DEFAULT_SCALE_INIT:
+            continue
+        if entry.get('form', kind.default_form) == 'parallel':
+            entry[SCALE_INIT_KEY] = start
+            changed = True
+    return start if changed else None
