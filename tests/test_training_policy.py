@@ -362,16 +362,16 @@ def scale_inits(cfg):
     return [entry.get('scale_init') for entry in cfg.model.backbone.tuners]
 
 
-@pytest.mark.parametrize('lr, start', [(5e-4, 4.0), (1e-3, 2.0), (3e-4, 6.66667), (1e-4, 20.0)])
-def test_a_slow_lr_starts_fresh_parallel_scales_at_the_pace_of_2e_3(lr, start):
+@pytest.mark.parametrize('lr, start', [(5e-4, 8.0), (1e-3, 4.0), (2e-3, 2.0), (3e-4, 13.3333), (1e-5, 400.0)])
+def test_a_slow_lr_starts_fresh_parallel_scales_at_the_pace_of_4e_3(lr, start):
     cfg = scale_cfg(lr)
     assert policy.start_parallel_scales(cfg) == start
     assert scale_inits(cfg) == [start, start, start, None, None, None, 0.5, None]
 
 
-@pytest.mark.parametrize('lr, optimizer', [(2e-3, 'AdamW'), (1e-2, 'Adam'), (5e-4, 'SGD'), (0, 'AdamW'),
-                                           ('fast', 'AdamW')])
-def test_the_parallel_scales_stay_at_1_from_2e_3_up_and_for_other_optimizers(lr, optimizer):
+@pytest.mark.parametrize('lr, optimizer', [(4e-3, 'AdamW'), (1e-2, 'Adam'), (5e-4, 'SGD'), (0, 'AdamW'),
+                                           ('fast', 'AdamW'), (True, 'AdamW')])
+def test_the_parallel_scales_stay_at_1_from_4e_3_up_and_for_other_optimizers(lr, optimizer):
     cfg = scale_cfg(lr, optimizer)
     assert policy.start_parallel_scales(cfg) is None
     assert scale_inits(cfg) == [None] * 6 + [0.5, None]
@@ -391,7 +391,7 @@ def adapter_scales(trainer):
     return torch.cat([p.detach().flatten() for n, p in net.named_parameters() if n.endswith('scale.weight')])
 
 
-@pytest.mark.parametrize('lr, start', [(5e-4, 4.0), (1e-3, 2.0), (5e-3, 1.0)])
+@pytest.mark.parametrize('lr, start', [(5e-4, 8.0), (1e-3, 4.0), (5e-3, 1.0)])
 def test_the_trainer_builds_fresh_tuners_with_the_scale_rule_9_gives(tmp_path, lr, start):
     trainer = build(tmp_path, 'fresh', train_edit={'optimizer': {'type': 'AdamW', 'lr': lr}})
     scales = adapter_scales(trainer)
@@ -429,5 +429,5 @@ def test_trained_scales_are_kept_whatever_the_lr(tmp_path):
     trainer = build_trainer(name=Trainers.vision_efficient_tuning, default_args=dict(
         model=folder, work_dir=str(tmp_path / 'work'), train_dataset=image_folder(tmp_path / 'd', CLASSES),
         cfg_modify_fn=modify))
-    assert trainer.cfg.model.backbone.tuners[0].scale_init == 4.0  # what a fresh tuner would start at ...
+    assert trainer.cfg.model.backbone.tuners[0].scale_init == 8.0  # what a fresh tuner would start at ...
     assert torch.all(adapter_scales(trainer) == 3.0)  # ... but these are trained
