@@ -9,7 +9,8 @@ Configuration keys of ours (all optional): ``train.amp`` ('auto' | 'bf16' | 'fp1
 ``train.optimizer.head_lr``, ``train.on_bad_image`` ('raise' | 'skip'), ``train.feature_cache`` (bypass mode,
 :mod:`.feature_cache`), ``train.drop_path`` ('auto' | a rate: stochastic depth, :mod:`.policy` rule 8); ModelScope's own
 ``train.optimizer.options.{grad_clip, cumulative_iters}``, ``model.loss.label_smoothing`` and ``train.hooks`` (e.g.
-ModelScope's ``TensorboardHook``) work as usual.
+ModelScope's ``TensorboardHook``) work as usual. Below an Adam lr of 4e-3 fresh parallel adapters and prefixes start
+their learned scale at ``4e-3 / lr`` unless their entry names a ``scale_init`` (:mod:`.policy` rule 9).
 """
 from __future__ import annotations
 
