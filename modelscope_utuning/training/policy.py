@@ -82,15 +82,16 @@ T_MAX_KEY = 'train.lr_scheduler.T_max'
 
 
 # -- 1. the configuration ----------------------------------------------------------------------------------------
-def resolve_config(cfg, cfg_modify_fn: Optional[Callable[[Any], Any]] = None):
+def resolve_config(cfg, cfg_modify_fn: Optional[Callable[[Any], Any]] = None, announce: bool = True):
     """``cfg`` as a run trains with it (rule 1): ModelScope's default hooks made its own, our defaults filled,
-    then ``cfg_modify_fn`` (the trainer passes ModelScope's ``rebuild_config``, which calls the user's)."""
+    then ``cfg_modify_fn`` (the trainer passes ModelScope's ``rebuild_config``, which calls the user's), then rule 9.
+    ``announce``: log what rule 9 set (off for a check before the run, so that a command says it once)."""
     own_default_hooks(cfg)
     cfg = apply_defaults(cfg)
     if cfg_modify_fn is not None:
         cfg = cfg_modify_fn(cfg)
     start = start_parallel_scales(cfg)  # rule 9: after the user's edits, which may change the lr or the tuners
-    if start is not None:
+    if start is not None and announce:
         get_logger().info(f'fresh parallel tuners start with scale {start:g}, so that they grow at the pace of lr '
                           f'{PARALLEL_SPEED_LR:g} (policy rule 9; an entry\'s scale_init chooses its own)')
     return cfg
@@ -101,7 +102,8 @@ def check_configuration(model_dir: str, cfg_modify_fn: Optional[Callable[[Any], 
     checked as the trainer checks it (:func:`.validate.validate_config`: ValueError naming every bad key), without
     building a model or reading data."""
     from modelscope.utils.config import Config
-    cfg = resolve_config(Config.from_file(os.path.join(model_dir, 'configuration.json')), cfg_modify_fn)
+    cfg = resolve_config(Config.from_file(os.path.join(model_dir, 'configuration.json')), cfg_modify_fn,
+                         announce=False)
     validate_config(cfg)
     return cfg
 
@@ -218,7 +220,6 @@ def drop_path_rate(cfg, roles: Mapping[str, str], bypass: bool,
 
 # -- 9. the parallel scale's start -----------------------------------------------------------------------------------
 ADAM_OPTIMIZERS = ('Adam', 'AdamW')  # per-step moves of about lr, whatever the gradient's size
-SCALE_INIT_KEY = 'scale_init'
 
 
 def parallel_scale_start(lr: float) -> float:
@@ -244,12 +245,8 @@ def start_parallel_scales(cfg) -> Optional[float]:
     kinds = tuner_kinds()
     changed = False
     for entry in entries:
-        if not isinstance(entry, dict) or SCALE_INIT_KEY in entry:
-            continue
-        kind = kinds.get(entry.get('type'))
-        if kind is None or not issubclass(kind, ParallelTuner) or kind.default_scale_init != DEFAULT_SCALE_INIT:
-            continue
-        if entry.get('form', kind.default_form) == 'parallel':
-            entry[SCALE_INIT_KEY] = start
+        kind = kinds.get(entry.get('type')) if isinstance(entry, dict) else None
+        if kind is not None and issubclass(kind, ParallelTuner) and kind.starts_at_default_scale(entry):
+            entry['scale_init'] = start
             changed = True
     return start if changed else None

@@ -94,6 +94,14 @@ class ParallelTuner(Tuner):
                                     scale_init=cls.default_scale_init if o.scale_init is None else o.scale_init)
         return dataclasses.replace(spec, options=o)
 
+    @classmethod
+    def starts_at_default_scale(cls, entry) -> bool:
+        """Whether ``entry`` (a raw ``model.backbone.tuners`` entry of this kind) builds a parallel tuner whose scale
+        :meth:`resolve` would start at ``DEFAULT_SCALE_INIT``: the parallel form, no ``scale_init`` named, and a kind
+        whose own start is that default (not a P-Prompt's 0). The trainer's rule 9 writes a start into these."""
+        return (entry.get('form', cls.default_form) == 'parallel' and 'scale_init' not in entry
+                and cls.default_scale_init == DEFAULT_SCALE_INIT)
+
     def _init_parallel(self, spec, dim: int) -> None:
         self.scale = Scale(spec.scale, dim, spec.scale_init)
         self.join = spec.join
