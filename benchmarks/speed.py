@@ -76,6 +76,11 @@ def _kernels(impl: str) -> dict:
     return {k: v for k, v in kernels.chosen().items()}
 
 
+def _int8_kernel() -> str:
+    from modelscope_utuning.backbone import int8
+    return int8.kernel()
+
+
 def load(impl: str, model_dir: str):
     if impl == 'ours':
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
@@ -130,6 +135,9 @@ def main():
     ap.add_argument('--threads', type=int, default=0)
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     ap.add_argument('--merge-lora', action='store_true', help='ours: fold LoRA into the weights first')
+    ap.add_argument('--calibrate', action='store_true',
+                    help='--precision int8: calibrate the smoothing on the (random) input batch first, as '
+                         "pipeline(..., calibration=...) does on images (same kernels, one multiply more or less)")
     ap.add_argument('--cpu-allocator', choices=('default', 'lean'), default='default',
                     help="malloc setting of train.cpu_allocator, applied to either implementation")
     args = ap.parse_args()
@@ -152,6 +160,13 @@ def main():
     device = torch.device(args.device)
     model.to(device)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
+    if args.calibrate:
+        if args.precision != 'int8':
+            raise SystemExit('--calibrate goes with --precision int8')
+        from modelscope_utuning.backbone import int8
+        model.eval()
+        with torch.no_grad(), int8.calibrating(model):
+            model({'imgs': x})
     y = torch.randint(0, 10, (args.batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
@@ -207,6 +222,7 @@ def main():
         'cuda_peak_gb': round(torch.cuda.max_memory_allocated() / 1e9, 3) if device.type == 'cuda' else None,
         'device_name': torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu', 'torch': torch.__version__,
         'threads': torch.get_num_threads(), 'model_dir': args.model_dir, 'merge_lora': args.merge_lora,
+        **({'int8_kernel': _int8_kernel(), 'calibrated': args.calibrate} if args.precision == 'int8' else {}),
         **_cpu(), 'kernels': _kernels(args.impl),
         'cpu_allocator': args.cpu_allocator if allocator_changed or args.cpu_allocator == 'default' else 'unchanged'}))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from modelscope.outputs import OutputKeys
@@ -20,8 +20,10 @@ from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement, verify_device
 from modelscope.utils.logger import get_logger
 
+from .backbone import int8
 from .backbone.linear import quantize_frozen_linears
 from .checkpoint.hub_layout import read_configuration
+from .data.readers import walk_images
 from .fileio import read_json_object
 from .location import EXPECTED, HUB, locate_model_source
 from .multitask import TaskGroup
@@ -49,14 +51,43 @@ def _check_precision(precision: Any) -> None:
         raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
 
 
-def apply_precision(precision: str, models: List[Any], device: str) -> None:
-    """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only)."""
+def calibration_inputs(calibration: Any, precision: str) -> Optional[List[Any]]:
+    """``calibration=``: a folder of images (read recursively, sorted) or a list of inputs -> the list; None -> None.
+    Only with ``precision='int8'``."""
+    if calibration is None:
+        return None
+    if precision != 'int8':
+        raise ValueError(f"calibration= goes with precision='int8' (precision={precision!r})")
+    if isinstance(calibration, (str, os.PathLike)):
+        folder = os.fspath(calibration)
+        if not os.path.isdir(folder):
+            raise ValueError(f'calibration={folder!r}: expected a folder of images or a list of images')
+        images = walk_images(folder)
+        if not images:
+            raise ValueError(f'calibration={folder!r}: the folder holds no images')
+        return images
+    if isinstance(calibration, (list, tuple)) and calibration:
+        return list(calibration)
+    raise ValueError(f'calibration={calibration!r}: expected a folder of images or a non-empty list of images')
+
+
+def apply_precision(precision: str, models: List[Any], device: str,
+                    calibrate: Optional[Callable[[], Any]] = None) -> None:
+    """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only). ``calibrate``
+    runs the pipeline on the calibration images (:func:`.backbone.int8.calibrating` records their ranges)."""
     if precision != 'int8':
         return
     if not str(device).startswith('cpu') and torch.cuda.is_available():
         raise ValueError(f"precision='int8' is the CPU path (PyTorch's int8 kernels); device={device!r}: use 'cpu'")
     if sum(quantize_frozen_linears(m) for m in models) == 0:
         raise ValueError("precision='int8': the model has no frozen backbone linear layer to run in int8")
+    if calibrate is not None:
+        with int8.calibrating(torch.nn.ModuleList(models)):
+            calibrate()
+    else:
+        logger.info("precision='int8' without calibration images: activations quantized per token, without "
+                    'smoothing; pass calibration=<a folder or list of a few dozen of your images> for answers '
+                    'closer to fp32 (benchmarks/README.md, int8)')
 
 
 def _check_device(device: Any) -> str:
@@ -161,13 +192,17 @@ class VisionEfficientTuningPipeline(Pipeline):
         batch_size: images per forward for list inputs (also a call argument).
         topk: classes returned (also a call argument); capped at the class count.
         precision: 'fp32' (default) or 'int8': the frozen backbone's linear layers as int8 products on the CPU
-            (:func:`~.backbone.linear.quantize_frozen_linears`; tuners, attention and head stay fp32).
+            (:mod:`~.backbone.int8`; tuners, attention and head stay fp32).
+        calibration: with ``precision='int8'``: a folder of images or a list of inputs (a few dozen of the images
+            the model will see; the training images do) run once in fp32 when the pipeline is built; their
+            ranges smooth the int8 products (:mod:`~.backbone.int8`). Without it the products are unsmoothed.
     """
 
     def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
                  batch_size: int = DEFAULT_BATCH_SIZE, topk: int = DEFAULT_TOPK, backbone: Optional[str] = None,
-                 precision: str = 'fp32', **kwargs):
+                 precision: str = 'fp32', calibration: Any = None, **kwargs):
         _check_precision(precision)
+        calibration = calibration_inputs(calibration, precision)
         device = _check_device(device)
         self.batch_size = _positive_int(batch_size, 'batch_size')
         self.topk = _positive_int(topk, 'topk')
@@ -197,7 +232,8 @@ class VisionEfficientTuningPipeline(Pipeline):
                              'fix preprocessor.img_size / resize in configuration.json')
         if getattr(self.preprocessor, 'mode', None) == ModeKeys.TRAIN:
             logger.warning('the pipeline preprocessor is in train mode: predictions use random augmentation')
-        apply_precision(precision, self.models if self.group is not None else [self.model], self.device_name)
+        apply_precision(precision, self.models if self.group is not None else [self.model], self.device_name,
+                        None if calibration is None else lambda: self(calibration))
 
     def _model_img_size(self) -> Optional[Tuple[int, int]]:
         patch_embed = getattr(getattr(self.model, 'backbone', None), 'patch_embed', None)

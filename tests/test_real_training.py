@@ -84,6 +84,29 @@ def test_parallel_tuner_trains_on_a_real_backbone_at_lr_1e_2(real_weights, few_s
     assert accuracy >= 0.6, (accuracy, losses)
 
 
+def test_int8_calibration_brings_a_real_backbone_closer_to_fp32(real_weights, few_shot):
+    """DINOv2's linears have outlier input channels: smoothing from ranges calibrated on 40 images brings the int8
+    features of 40 others closer to fp32 (measured: relative error 5.5 % -> 3.8 %, min cosine 0.9956 -> 0.9982)."""
+    from modelscope_utuning.backbone import int8
+    from modelscope_utuning.backbone.linear import quantize_frozen_linears
+    x, _ = few_shot
+    model = VisionEfficientTuningModel(backbone=dict(DINOV2_S14, pretrained_weights=real_weights),
+                                       head={'num_classes': 10}).eval()
+    backbone = model.backbone
+    with torch.no_grad():
+        exact = backbone.forward_features(x[40:])
+        assert quantize_frozen_linears(model) == 48
+        plain = backbone.forward_features(x[40:])
+        with int8.calibrating(model):
+            backbone.forward_features(x[:40])
+        smoothed = backbone.forward_features(x[40:])
+
+    def error(f):
+        return float((f - exact).norm() / exact.norm())
+    assert 0 < error(smoothed) < 0.8 * error(plain), (error(smoothed), error(plain))
+    assert error(smoothed) < 0.05
+
+
 # -- never worse than the probe: real colour photos at the trainer's defaults -----------------------------------
 COLOUR_TOOL = os.path.join(os.path.dirname(ROOT), 'shared', 'tools', 'colour_objects.py')
 STAMPS = os.environ.get('UTUNING_TUXPAINT_STAMPS', '/usr/share/tuxpaint/stamps')

@@ -16,17 +16,13 @@ oneDNN) takes plain ``F.linear``:
 
 Results differ from ``F.linear`` only in summation order (relative ~1e-6 in fp32).
 
-**int8 inference** (opt-in, :func:`quantize_frozen_linears`): the frozen weights of a model's backbone linears
-get an int8 copy, quantized per output channel (``W ~ s_j q_j``, ``q`` in [-127, 127], ``s_j = max|W_j| / 127``);
-without gradients on the CPU the product runs as PyTorch's dynamic int8 linear (the input quantized per call,
-per tensor, to 7 bits: ``reduce_range``, which x86 kernels without VNNI need to stay clear of saturation),
-``y ~ (s_x q_x)(s_W q_W)^T + b`` in fp32 out. Tuners, norms, attention products and the head stay fp32.
-PyTorch 2.13 marks its quantized tensors (``torch.quantize_per_channel``) deprecated; the ONNX export's int8 path
-(ONNX Runtime's quantizer) does not depend on them.
+**int8 inference** (opt-in, :func:`quantize_frozen_linears`): a marked frozen weight without gradients on the CPU
+takes :mod:`.int8`'s products (smoothed, per-token int8 activations, per-channel int8 weights, int32 sums); inside
+:func:`.int8.calibrating` it runs in fp32 and records its input's ranges instead. Tuners, norms, attention
+products and the head stay fp32.
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Dict, Optional
 
@@ -34,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import int8, kernels
 
 
 def _find_onednn_linear():
@@ -118,68 +114,39 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device)
 
 
-# int8 copies of frozen weights marked by quantize_frozen_linears: id(weight) -> (weight's version and address,
-# bias's, {rows: packed int8 weight}); dropped with the weight, rebuilt when either tensor changes.
-_INT8: Dict[int, list] = {}
-
-
-def _int8_available() -> bool:
-    try:
-        return 'x86' in torch.backends.quantized.supported_engines or \
-            'fbgemm' in torch.backends.quantized.supported_engines
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def quantize_frozen_linears(root: nn.Module, enable: bool = True) -> int:
     """Mark (``enable``) or unmark every frozen :class:`FrozenFastLinear` under ``root`` for int8 inference
-    (module docstring); returns how many. A weight that trains is left in fp32. The int8 copies are made at the
-    first product and follow the fp32 weight (a merge or a load rebuilds them)."""
-    if enable and not _int8_available():
-        raise RuntimeError("int8 inference needs PyTorch's x86 / fbgemm quantized engine, which this build lacks; "
-                           f'engines: {torch.backends.quantized.supported_engines}')
+    (:mod:`.int8`); returns how many. A weight that trains is left in fp32. The int8 copies are made at the first
+    product and follow the fp32 weight (a merge or a load rebuilds them)."""
+    if enable and not int8.available():
+        raise RuntimeError("int8 inference needs torch._int_mm or PyTorch's x86 / fbgemm quantized engine, which "
+                           f'this build lacks; engines: {torch.backends.quantized.supported_engines}')
     count = 0
     for module in root.modules():
         if isinstance(module, FrozenFastLinear) and not module.weight.requires_grad:
-            key = id(module.weight)
-            if enable and key not in _INT8:
-                _INT8[key] = [None, None, {}]
-                weakref.finalize(module.weight, _INT8.pop, key, None)
-            elif not enable:
-                _INT8.pop(key, None)
+            (int8.mark if enable else int8.unmark)(module.weight)
             count += 1
     return count
 
 
-def _int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 rows: Optional[slice]) -> torch.Tensor:
-    entry = _INT8[id(weight)]
-    state = (weight._version, weight.data_ptr())
-    bias_state = None if bias is None else (bias._version, bias.data_ptr())
-    if entry[0] != state or entry[1] != bias_state:
-        entry[0], entry[1], entry[2] = state, bias_state, {}
-    key = None if rows is None else (rows.start, rows.stop)
-    packed = entry[2].get(key)
-    if packed is None:
-        w = weight.detach() if rows is None else weight.detach()[rows]
-        b = None if bias is None else (bias.detach() if rows is None else bias.detach()[rows])
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
-        with warnings.catch_warnings():  # PyTorch 2.13 marks quantized tensors deprecated: said in the docstring
-            warnings.simplefilter('ignore', UserWarning)
-            q = torch.quantize_per_channel(w.contiguous(), scale, torch.zeros_like(scale, dtype=torch.long), 0,
-                                           torch.qint8)
-            packed = entry[2][key] = torch.ops.quantized.linear_prepack(q, None if b is None else b.contiguous())
-    y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).contiguous(), packed, True)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+def _int8_input(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x`` meets a weight marked for int8 inference where it applies: no gradient, the CPU, fp32, no
+    tracing / export. While calibrating, the input's ranges are recorded and the answer is no (fp32 product)."""
+    if not int8.is_marked(weight) or torch.is_grad_enabled() or x.device.type != 'cpu' or \
+            x.dtype != torch.float32 or _exporting():
+        return False
+    if int8.recording():
+        int8.record(x, weight)
+        return False
+    return True
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            rows: Optional[slice] = None) -> torch.Tensor:
     """``F.linear(x, weight[rows], bias[rows])`` for a weight that may be frozen, on the fastest path (module
     docstring). ``rows`` selects output rows of the weight (q or k / v of a fused qkv)."""
-    if _INT8 and id(weight) in _INT8 and not torch.is_grad_enabled() and x.device.type == 'cpu' \
-            and x.dtype == torch.float32 and not _exporting():
-        return _int8_linear(x, weight, bias, rows)
+    if _int8_input(x, weight):
+        return int8.products(x, weight, bias, [rows])[0]
     dtype = _autocast_dtype(x)
     if dtype is not None and not weight.requires_grad and weight.dtype == torch.float32 and not _exporting():
         # one low-precision copy of the whole weight, sliced; BitFit biases train: those are cast per call
@@ -219,6 +186,9 @@ class QKVLinear(FrozenFastLinear):
         C = self.in_features
         n = h.shape[1] if n_query is None else n_query
         # a contiguous slice: F.linear then takes one GEMM path whatever the weight's requires_grad
+        if n == h.shape[1] and _int8_input(h, self.weight):  # int8: h quantized once for both products
+            q, kv = int8.products(h, self.weight, self.bias, [slice(0, C), slice(C, 3 * C)])
+            return q, kv
         hq = h if n == h.shape[1] else h[:, :n].contiguous()
         q = linear(hq, self.weight, self.bias, rows=slice(0, C))
         kv = linear(h, self.weight, self.bias, rows=slice(C, 3 * C))

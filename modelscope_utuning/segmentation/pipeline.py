@@ -17,7 +17,7 @@ from modelscope.utils.constant import Frameworks, ModeKeys
 from modelscope.utils.device import device_placement
 
 from ..pipeline import (_BUILD_LATER, DEFAULT_BATCH_SIZE, _check_device, _check_model_path, _check_precision,
-                        _positive_int, apply_precision, read_config_section)
+                        _positive_int, apply_precision, calibration_inputs, read_config_section)
 from ..preprocessing.image_io import ImageInputError
 from ..registration import register_class
 from .network import predict_masks
@@ -36,8 +36,9 @@ class SegmentationPipeline(Pipeline):
     """U-Tuning semantic segmentation (see the module docstring)."""
 
     def __init__(self, model: Any, preprocessor: Optional[Any] = None, device: str = 'gpu',
-                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = 'fp32', **kwargs):
+                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = 'fp32', calibration: Any = None, **kwargs):
         _check_precision(precision)
+        calibration = calibration_inputs(calibration, precision)
         device = _check_device(device)
         self.batch_size = _positive_int(batch_size, 'batch_size')
         super().__init__(model=_check_model_path(model), device=device,
@@ -47,7 +48,8 @@ class SegmentationPipeline(Pipeline):
                    'model': {'backbone': {'img_size': self.model.backbone.patch_embed.img_size[0]}}}
             self.preprocessor = SegmentationPreprocessor.from_config(cfg, ModeKeys.INFERENCE)
         self.preprocessor.mode = ModeKeys.INFERENCE
-        apply_precision(precision, [self.model], self.device_name)
+        apply_precision(precision, [self.model], self.device_name,
+                        None if calibration is None else lambda: self(calibration))
 
     def _get_framework(self) -> str:
         return Frameworks.torch
