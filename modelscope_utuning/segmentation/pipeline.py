@@ -4,7 +4,8 @@ Output per image: ``{'masks': np.ndarray (H, W) int64 of class ids at the input 
 [class names, index = class id]}`` (ModelScope's ``OutputKeys.MASKS`` / ``OutputKeys.LABELS``). One class-id map
 rather than one 0/1 mask per class: ``masks == labels.index(name)`` gives a class's mask. Inputs: whatever the
 classifier's pipeline reads (a path, URL, PIL image, BGR numpy array, bytes, a dict with ``img_path:FILE``), or a
-list of them (-> a list of results, ``batch_size`` images per forward).
+list of them (-> a list of results, ``batch_size`` images per forward). ``precision='int8'`` and
+``calibration=`` as for the classifier's pipeline (:mod:`..backbone.int8`).
 """
 from __future__ import annotations
 
