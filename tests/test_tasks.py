@@ -92,8 +92,11 @@ def test_each_output_loads_alone_and_together(rows, tmp_path):  # noqa: F811
             assert together[i][j]['labels'] == alone[t][i]['labels']
             assert torch.allclose(torch.tensor(together[i][j]['scores']), torch.tensor(alone[t][i]['scores']),
                                   atol=1e-5)
+    # three tasks, three sets of tuners (not one set shared). Their values may well be equal: the tasks' labels are
+    # permutations of each other, and with a zero-started head a permutation of the classes changes no gradient
+    # that reaches the tuners, so only rounding could tell them apart (it did in fp32; in bf16 it did not).
     a, c = (joint[t].model_unwrapped.model.tuner_parameters() for t in ('a', 'c'))
-    assert any(not torch.equal(a[k], c[k]) for k in a)  # three tasks, three sets of tuners
+    assert a.keys() == c.keys() and all(a[k].data_ptr() != c[k].data_ptr() for k in a)
 
 
 def test_shuffled_tasks_over_the_same_images_share_each_batch(rows, tmp_path, frozen_calls):  # noqa: F811
