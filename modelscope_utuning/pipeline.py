@@ -71,19 +71,20 @@ def calibration_inputs(calibration: Any, precision: str) -> Optional[List[Any]]:
     raise ValueError(f'calibration={calibration!r}: expected a folder of images or a non-empty list of images')
 
 
-def apply_precision(precision: str, models: List[Any], device: str,
-                    calibrate: Optional[Callable[[], Any]] = None) -> None:
-    """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only). ``calibrate``
-    runs the pipeline on the calibration images (:func:`.backbone.int8.calibrating` records their ranges)."""
+def apply_precision(precision: str, models: List[Any], device: str, calibration: Optional[List[Any]] = None,
+                    run: Optional[Callable[[List[Any]], Any]] = None) -> None:
+    """``precision='int8'``: the frozen backbone linears of ``models`` as int8 products (CPU only). With
+    ``calibration`` (:func:`calibration_inputs`' list), ``run`` (the pipeline) runs on it once while
+    :func:`.backbone.int8.calibrating` records the layers' input ranges."""
     if precision != 'int8':
         return
     if not str(device).startswith('cpu') and torch.cuda.is_available():
         raise ValueError(f"precision='int8' is the CPU path (PyTorch's int8 kernels); device={device!r}: use 'cpu'")
     if sum(quantize_frozen_linears(m) for m in models) == 0:
         raise ValueError("precision='int8': the model has no frozen backbone linear layer to run in int8")
-    if calibrate is not None:
+    if calibration is not None:
         with int8.calibrating(torch.nn.ModuleList(models)):
-            calibrate()
+            run(calibration)
     else:
         logger.info("precision='int8' without calibration images: activations quantized per token, without "
                     'smoothing; pass calibration=<a folder or list of a few dozen of your images> for answers '
@@ -233,7 +234,7 @@ class VisionEfficientTuningPipeline(Pipeline):
         if getattr(self.preprocessor, 'mode', None) == ModeKeys.TRAIN:
             logger.warning('the pipeline preprocessor is in train mode: predictions use random augmentation')
         apply_precision(precision, self.models if self.group is not None else [self.model], self.device_name,
-                        None if calibration is None else lambda: self(calibration))
+                        calibration, self)
 
     def _model_img_size(self) -> Optional[Tuple[int, int]]:
         patch_embed = getattr(getattr(self.model, 'backbone', None), 'patch_embed', None)

@@ -32,10 +32,12 @@ import contextlib
 import platform
 import warnings
 import weakref
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from .kernels import cpu_flags
 
 ALPHA = 0.5  # SmoothQuant's migration strength: equal ranges on both sides
 _FLOOR = 1e-3  # a channel's calibrated range is at least this fraction of the layer's largest (dead channels)
@@ -80,39 +82,38 @@ def available() -> bool:
 def _x86_without_vnni() -> bool:
     if platform.machine().lower() not in ('x86_64', 'amd64', 'i386', 'i686'):
         return False
+    flags = cpu_flags()
+    # flags unread (not Linux): the exactness check alone decides
+    return bool(flags) and not flags & {'avx512_vnni', 'avx_vnni', 'amx_int8'}
+
+
+def _int_mm_exact() -> bool:
+    """``torch._int_mm`` on a worst case: rows of +-127 against rows of +-127, whose pairs sum past int16 (32767)
+    as soon as two of them add up, so a kernel that accumulates pairs in int16 gets it wrong."""
     try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False  # not Linux: the exactness check alone decides
-    return not any(flag in flags for flag in ('avx512_vnni', 'avx_vnni', 'amx_int8'))
+        a = torch.full((4, 64), 127, dtype=torch.int8)
+        a[:, 1::2] = -127
+        w = a.clone()
+        w[:, ::4] = -127  # mixed signs: sums cross zero and back
+        return torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t()) and \
+            torch.equal(torch._int_mm(a[:1, :8], w[:3, :8].t()).long(), a[:1, :8].long() @ w[:3, :8].long().t())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def kernel() -> str:
-    """'per-token' (``torch._int_mm``, exact), 'per-tensor-7bit' (PyTorch's dynamic int8 linear) or 'none'.
-    Decided once per process: per-token needs an x86 CPU with VNNI / AMX (or another architecture) and exact
-    products on a worst case, rows of +-127 against rows of +-127, whose pairs sum past int16 (32767) as soon as
-    two of them add up, so a kernel that accumulates pairs in int16 gets it wrong."""
+    """'per-token' (``torch._int_mm``), 'per-tensor-7bit' (PyTorch's dynamic int8 linear) or 'none'. Decided once
+    per process: per-token needs an x86 CPU with VNNI / AMX (or another architecture) and exact products
+    (:func:`_int_mm_exact`)."""
     global _KERNEL
     if _KERNEL is None:
-        _KERNEL = 'none'
-        try:
-            if _x86_without_vnni():
-                raise NotImplementedError('no VNNI')
-            a = torch.full((4, 64), 127, dtype=torch.int8)
-            a[:, 1::2] = -127
-            w = a.clone()
-            w[:, ::4] = -127  # mixed signs: sums cross zero and back
-            exact = torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t())
-            if exact and torch.equal(torch._int_mm(a[:1, :8], w[:3, :8].t()).long(),
-                                     a[:1, :8].long() @ w[:3, :8].long().t()):
-                _KERNEL = 'per-token'
-        except (AttributeError, RuntimeError, NotImplementedError):
-            pass
-        if _KERNEL == 'none':
-            engines = getattr(torch.backends.quantized, 'supported_engines', [])
-            if 'x86' in engines or 'fbgemm' in engines:
-                _KERNEL = 'per-tensor-7bit'
+        engines = getattr(torch.backends.quantized, 'supported_engines', [])
+        if not _x86_without_vnni() and _int_mm_exact():
+            _KERNEL = 'per-token'
+        elif 'x86' in engines or 'fbgemm' in engines:
+            _KERNEL = 'per-tensor-7bit'
+        else:
+            _KERNEL = 'none'
     return _KERNEL
 
 
@@ -130,7 +131,7 @@ def calibrating(root: nn.Module) -> Iterator[None]:
         seen = _RECORD
     finally:
         _RECORD = None
-    marked = [p for p in root.parameters() if id(p) in _STATE]
+    marked = marked_weights(root)
     missing = [p for p in marked if id(p) not in seen]
     if missing:
         raise ValueError(f'int8 calibration: {len(missing)} of the {len(marked)} int8 layers saw no input; run the '
@@ -141,9 +142,13 @@ def calibrating(root: nn.Module) -> Iterator[None]:
         state.packed, state.stamp = {}, None
 
 
+def marked_weights(root: nn.Module) -> List[torch.Tensor]:
+    return [p for p in root.parameters() if id(p) in _STATE]
+
+
 def calibrated(root: nn.Module) -> List[bool]:
     """For each marked weight under ``root``: whether it holds a calibration."""
-    return [_STATE[id(p)].input_absmax is not None for p in root.parameters() if id(p) in _STATE]
+    return [_STATE[id(p)].input_absmax is not None for p in marked_weights(root)]
 
 
 def recording() -> bool:
@@ -222,11 +227,3 @@ def products(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys]
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            rows: Optional[slice] = None) -> torch.Tensor:
-    """``F.linear(x, weight[rows], bias[rows])`` as int8 products (module docstring)."""
-    return products(x, weight, bias, [rows])[0]
-
-
-def marked_weights(root: nn.Module) -> Iterable[torch.Tensor]:
-    return [p for p in root.parameters() if id(p) in _STATE]

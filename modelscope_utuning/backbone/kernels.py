@@ -27,7 +27,7 @@ import os
 import platform
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -39,20 +39,33 @@ _WARMUP, _REPS = 2, 5
 
 
 @functools.lru_cache(maxsize=1)
-def machine_id() -> str:
-    """CPU model name and vector / matrix flags, torch version and threads: what the choices depend on."""
-    model, flags = platform.processor(), ''
+def _cpuinfo() -> Tuple[str, Tuple[str, ...]]:
+    """``/proc/cpuinfo``'s first model name and flags (Linux; elsewhere ``platform.processor()`` and no flags)."""
+    model, flags = platform.processor(), None
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
                 if line.startswith('model name'):
                     model = line.split(':', 1)[1].strip()
                 elif line.startswith('flags'):
-                    flags = ' '.join(sorted(x for x in line.split(':', 1)[1].split() if x.startswith(('avx', 'amx'))))
-                if model and flags:
+                    flags = tuple(line.split(':', 1)[1].split())
+                if model and flags is not None:
                     break
     except OSError:
         pass
+    return model, flags or ()
+
+
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags as ``/proc/cpuinfo`` lists them (empty where it cannot be read)."""
+    return frozenset(_cpuinfo()[1])
+
+
+@functools.lru_cache(maxsize=1)
+def machine_id() -> str:
+    """CPU model name and vector / matrix flags, torch version and threads: what the choices depend on."""
+    model, flags = _cpuinfo()
+    flags = ' '.join(sorted(x for x in flags if x.startswith(('avx', 'amx'))))
     return f'{model}|{flags}|torch {torch.__version__}|threads {torch.get_num_threads()}'
 
 

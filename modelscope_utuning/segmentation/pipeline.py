@@ -49,8 +49,7 @@ class SegmentationPipeline(Pipeline):
                    'model': {'backbone': {'img_size': self.model.backbone.patch_embed.img_size[0]}}}
             self.preprocessor = SegmentationPreprocessor.from_config(cfg, ModeKeys.INFERENCE)
         self.preprocessor.mode = ModeKeys.INFERENCE
-        apply_precision(precision, [self.model], self.device_name,
-                        None if calibration is None else lambda: self(calibration))
+        apply_precision(precision, [self.model], self.device_name, calibration, self)
 
     def _get_framework(self) -> str:
         return Frameworks.torch

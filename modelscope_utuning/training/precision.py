@@ -6,22 +6,17 @@ TorchAMPOptimizerHook, which owns the GradScaler.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
+
+from ..backbone.kernels import cpu_flags
 
 PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: without them CPU bf16 matmuls are emulated and slower than fp32."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+    return bool(cpu_flags() & {'avx512_bf16', 'amx_bf16'})
 
 
 def resolve_precision(amp: str, device_type: str) -> str:
